@@ -1,0 +1,10 @@
+"Everything public: `from phaselearn.all import *`. The one hand-kept file of the package."
+from .core import *
+from .data import *
+from .callback import *
+from .metrics import *
+from .recorder import *
+from .optimizer import *
+from .schedule import *
+from .learner import *
+from .phases import *
