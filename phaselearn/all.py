@@ -8,3 +8,5 @@ from .optimizer import *
 from .schedule import *
 from .learner import *
 from .phases import *
+from .lr_finder import *
+from .mixed_precision import *
