@@ -1,0 +1,131 @@
+"""No host-device synchronisation per batch in the default loop.
+
+Reading a tensor's value on the host (`.item()`, `float(t)`, `int(t)`, `bool(t)`, `.tolist()`, `.numpy()`, indexing a
+list with a tensor) makes the host wait for the device. On a CPU machine nothing waits, so these tests count the calls
+themselves: every such call made during a fit is recorded with the code that made it, and the library's own calls must
+be O(epochs), not O(batches). Where CUDA is available, a second test asks CUDA itself (`torch.cuda.set_sync_debug_mode`).
+"""
+import collections, contextlib, io, sys, warnings
+import pytest
+import torch
+from torch import nn
+from phaselearn.core import set_seed
+from phaselearn.data import digits_dls
+from phaselearn.metrics import accuracy
+from phaselearn.learner import Learner
+from phaselearn.recorder import ProgressCallback
+
+SYNC_METHODS = ('item', 'tolist', 'numpy', '__float__', '__int__', '__bool__', '__index__', '__complex__')
+_TENSOR_HELPERS = ('torch/_tensor.py', 'torch/_tensor_str.py', 'torch/overrides.py')  # f"{t}" calls item() from here
+
+
+def _origin(frame) -> str:
+    "Who asked for the value: the first frame outside torch's Tensor helpers, as 'phaselearn', 'torch.optim', or a file."
+    while frame is not None and frame.f_code.co_filename.replace('\\', '/').endswith(_TENSOR_HELPERS): frame = frame.f_back
+    if frame is None: return '?'
+    filename = frame.f_code.co_filename.replace('\\', '/')
+    if '/phaselearn/' in filename: return 'phaselearn'
+    if '/torch/optim/' in filename: return 'torch.optim'
+    return filename
+
+
+class SyncCounter:
+    "Counts, by origin, the calls that read a tensor's value on the host while active (a context manager)."
+    def __init__(self): self.calls, self.tensor_ids = collections.Counter(), collections.defaultdict(set)
+    def __enter__(self):
+        self._saved = {name: torch.Tensor.__dict__.get(name) for name in SYNC_METHODS}
+        for name in SYNC_METHODS:
+            original = getattr(torch.Tensor, name)
+            def wrapper(tensor, *args, _original=original, _name=name, **kwargs):
+                origin = _origin(sys._getframe(1))
+                self.calls[(origin, _name)] += 1
+                self.tensor_ids[origin].add(id(tensor))
+                return _original(tensor, *args, **kwargs)
+            setattr(torch.Tensor, name, wrapper)
+        return self
+    def __exit__(self, *exc):
+        for name, saved in self._saved.items():
+            if saved is None: delattr(torch.Tensor, name)
+            else: setattr(torch.Tensor, name, saved)
+    def total(self, exclude=()) -> int: return sum(n for (origin, _), n in self.calls.items() if origin not in exclude)
+    def by_origin(self, origin) -> int: return sum(n for (o, _), n in self.calls.items() if o == origin)
+
+
+def digits_learner(**kwargs):
+    set_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    return Learner(digits_dls(bs=64, seed=0, device=kwargs.pop('data_device', None)), model,
+                   loss_func=nn.CrossEntropyLoss(), lr=1e-2, metrics=[accuracy], **kwargs)
+
+
+def test_counter_sees_every_kind_of_read():
+    t = torch.tensor(2.)
+    with SyncCounter() as counter:
+        t.item(); float(t); int(t); bool(t); t.tolist(); [0, 1, 2][torch.tensor(1)]; f"{t:.2f}"
+        if t: pass
+    assert counter.total() == 8, counter.calls
+    assert counter.by_origin(__file__.replace('\\', '/')) == 8, counter.calls
+    assert torch.Tensor.item is torch._C.TensorBase.item  # restored
+
+
+def fit_and_count(n_epoch=2, **progress):
+    learn = digits_learner()
+    learn.progress.refresh = progress.get('refresh', 1e9)
+    learn.progress.bar_interval = progress.get('bar_interval', 0.1)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        learn.fit(1)  # first fit: the optimizer state is created outside the counted fit
+        with SyncCounter() as counter: learn.fit(n_epoch)
+    return learn, counter
+
+
+def test_default_loop_syncs_per_epoch_not_per_batch():
+    n_epoch = 2
+    learn, counter = fit_and_count(n_epoch)
+    n_batches = len(learn.dls.train) + len(learn.dls.valid)
+    assert len(learn.dls.train) == 23
+    ours = counter.total(exclude=('torch.optim',))
+    assert ours < 5 * n_epoch, f"{ours} host reads in {n_epoch} epochs of {n_batches} batches: {dict(counter.calls)}"
+    assert counter.by_origin('phaselearn') == ours, dict(counter.calls)  # nothing else (tqdm, fastcore) reads tensors
+    # torch's own optimizer reads only its `step` counters, which live on the CPU even when training on a GPU
+    steps = {id(state['step']) for state in learn.opt.opt.state.values()}
+    assert counter.tensor_ids['torch.optim'] <= steps, "torch.optim read tensors other than its step counters"
+
+
+def test_syncs_do_not_grow_with_batches():
+    "Four times the epochs, at most four times the reads: they scale with epochs, whatever the batch count."
+    _, two = fit_and_count(2)
+    _, eight = fit_and_count(8)
+    assert eight.total(exclude=('torch.optim',)) <= 4 * two.total(exclude=('torch.optim',))
+
+
+def test_validate_reads_once():
+    learn = digits_learner()
+    with contextlib.redirect_stderr(io.StringIO()), SyncCounter() as counter: learn.validate()
+    assert counter.total(exclude=('torch.optim',)) <= 2, dict(counter.calls)
+
+
+def test_refresh_throttles_the_postfix():
+    "With refresh=0 the bar reads the smoothed loss after every training batch; that is the only per-batch read."
+    learn, counter = fit_and_count(1, refresh=0, bar_interval=0)
+    n_train = len(learn.dls.train)
+    ours = counter.total(exclude=('torch.optim',))
+    assert n_train <= ours < n_train + 5, dict(counter.calls)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_sync_debug_mode():
+    "On a GPU, CUDA itself reports every synchronising call: a fit must trigger O(epochs) of them."
+    n_epoch = 3
+    learn = digits_learner(device='cuda', data_device='cuda')
+    learn.progress.refresh = 1e9
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        learn.fit(1)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            torch.cuda.set_sync_debug_mode('warn')
+            try: learn.fit(n_epoch)
+            finally: torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if 'called a synchronizing' in str(w.message)]  # not the 'prototype feature' notice
+    n_batches = n_epoch * (len(learn.dls.train) + len(learn.dls.valid))
+    assert len(syncs) < 5 * n_epoch, f"{len(syncs)} syncs for {n_batches} batches: {[str(w.message)[:100] for w in syncs[:5]]}"
