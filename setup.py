@@ -28,6 +28,7 @@ dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
 
 setuptools.setup(
     name = cfg['lib_name'],
+    **setup_cfg,
     license = lic[0],
     classifiers = [
         'Development Status :: ' + statuses[int(cfg['status'])],
