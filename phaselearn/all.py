@@ -10,3 +10,4 @@ from .learner import *
 from .phases import *
 from .lr_finder import *
 from .mixed_precision import *
+from .checkpoint import *
