@@ -11,3 +11,5 @@ from .phases import *
 from .lr_finder import *
 from .mixed_precision import *
 from .checkpoint import *
+from .rnn import *
+from .widgets import *
