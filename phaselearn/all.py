@@ -13,3 +13,5 @@ from .mixed_precision import *
 from .checkpoint import *
 from .rnn import *
 from .widgets import *
+from .training_extras import *
+from .loss import *

@@ -77,6 +77,7 @@ class Recorder(Callback):
         self.smooth_loss, self.valid_loss = AvgSmoothLoss(beta, history=True), AvgLoss()
         self.values, self.last_valid, self.epoch_batches, self.batch_sizes = [], None, [], []
         self._snapshots, self.segments, self._opt, self._getter = [], [], None, None
+        self._reset_components()
 
     @property
     def metric_names(self) -> list: return [m.name for m in self.learn.metrics]
@@ -91,6 +92,7 @@ class Recorder(Callback):
         self.smooth_loss.reset()
         self.values, self.epoch_batches, self.batch_sizes = [], [], []  # epoch_batches: training batches in each epoch
         self._snapshots, self.segments, self._opt = [], [], None  # segments: (first batch, keys read, optimizer layout)
+        self._reset_components()
 
     def before_epoch(self):
         self.epoch_start, self.last_valid = time.perf_counter(), None
@@ -110,6 +112,14 @@ class Recorder(Callback):
             try: self._snapshots.append(tuple(map(self._getter, opt.param_groups)))
             except KeyError:  # a key vanished from a param group: start a new segment with the keys there are now
                 self._new_segment(opt); self._snapshots.append(tuple(map(self._getter, opt.param_groups)))
+            loss_func = learn.loss_func
+            if loss_func is not self._loss_func:  # hasattr once per loss object, not per batch
+                self._loss_func, self._has_components = loss_func, hasattr(loss_func, 'components')
+            if self._has_components:
+                components = loss_func.components
+                if components and components is not self._last_components:  # a dict per loss call: never record one twice
+                    self._last_components = components
+                    self._pending_components.append((len(self.batch_sizes) - 1, components))
         else:
             self.valid_loss.accumulate(learn)
             try:
@@ -119,6 +129,7 @@ class Recorder(Callback):
     def after_train(self):
         self.epoch_batches.append(len(self.batch_sizes) - sum(self.epoch_batches))
         self.smooth_loss.flush()  # one transfer per epoch: the batch losses become host floats
+        self._flush_components()
 
     def before_validate(self):
         self.valid_loss.reset()
@@ -180,6 +191,48 @@ def hyper(self: Recorder, name: str) -> np.ndarray:
     width = max(b.shape[1] for b in blocks)
     pad = lambda b: np.pad(b, [(0, 0), (0, width - b.shape[1])] + [(0, 0)] * (b.ndim - 2), constant_values=math.nan)
     return np.concatenate([pad(b) for b in blocks])
+
+# %% ../nbs/04_recorder.ipynb #a5cfc8b9
+@patch
+def _reset_components(self: Recorder):
+    self._pending_components, self._component_rows = [], []  # (training batch index, {name: tensor}) / ({name: float})
+    self._loss_func, self._has_components, self._last_components = None, False, None
+
+@patch
+def _flush_components(self: Recorder):
+    "Move the components kept since the last flush to the host: one transfer."
+    pending, self._pending_components = self._pending_components, []
+    if not pending: return
+    tensors = [v.detach().reshape(()).float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+               for _, components in pending for v in components.values()]
+    if len({t.device for t in tensors}) > 1: tensors = [t.cpu() for t in tensors]
+    floats = iter(torch.stack(tensors).tolist())
+    self._component_rows += [(i, {name: next(floats) for name in components}) for i, components in pending]
+
+@patch(as_prop=True)
+def loss_components(self: Recorder) -> dict:
+    "Each component of the loss at every training batch of the last fit: `name -> array (n_train_batches,)`, NaN where absent."
+    self._flush_components()
+    n, out = len(self.batch_sizes), {}
+    for i, row in self._component_rows:
+        for name, value in row.items():
+            if name not in out: out[name] = np.full(n, math.nan)
+            out[name][i] = value
+    return out
+
+@patch(as_prop=True)
+def epoch_loss_components(self: Recorder) -> dict:
+    "Batch-size-weighted mean of each loss component over each epoch's training batches: `name -> array (n_epochs,)`."
+    sizes, ends = np.asarray(self.batch_sizes, dtype=float), np.cumsum(self.epoch_batches, dtype=int)
+    starts, out = ends - np.asarray(self.epoch_batches, dtype=int), {}
+    for name, values in self.loss_components.items():
+        means = []
+        for start, end in zip(starts, ends):
+            part, weights = values[start:end], sizes[start:end]
+            present = ~np.isnan(part)
+            means.append(float((part[present] * weights[present]).sum() / weights[present].sum()) if present.any() else math.nan)
+        out[name] = np.array(means)
+    return out
 
 # %% ../nbs/04_recorder.ipynb #1b8c387c
 @patch

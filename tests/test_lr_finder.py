@@ -487,3 +487,19 @@ def test_cuda_state_and_streams_restored():
         learn.fit(1)
         results.append((copy.deepcopy(learn.model.state_dict()), draws()))
     assert same(results[0], results[1])
+
+
+def test_lr_find_restores_a_loss_with_state():
+    "A SwitchLoss that switches during the sweep is put back to its step before the sweep."
+    from phaselearn.loss import SwitchLoss
+    from phaselearn.data import digits_dls
+    from phaselearn.core import set_seed
+    set_seed(0)
+    switch = SwitchLoss([(nn.CrossEntropyLoss(), None),
+                         (nn.CrossEntropyLoss(label_smoothing=0.1), lambda learn: learn.train_iter >= 5)], verbose=False)
+    learn = Learner(digits_dls(), nn.Sequential(nn.Linear(64, 10)), loss_func=switch)
+    learn.progress.show_bar = learn.progress.show_table = False
+    learn.lr_find(num_it=20, show_plot=False)
+    assert switch.current == 0
+    learn.fit(1)
+    assert switch.current == 1  # it does switch when training for real

@@ -369,3 +369,65 @@ def test_splitters():
     assert len(OptimWrapper(tied, torch.optim.SGD).layer_groups[0]) == 1      # a tied weight is one parameter
     with pytest.raises(ValueError, match=r'lists 1 parameter\(s\) more than once'):
         OptimWrapper(tied, torch.optim.SGD, splitter=body_head_splitter)
+
+
+# ---- hyperparameter scales ----
+
+@pytest.mark.parametrize('case', ['Adam', 'SGD-mom'])
+def test_scaled_schedule_drives_torch_exactly(case):
+    "A schedule set every step, scaled twice on the way (per layer group the second time), equals torch driven with schedule x scale."
+    opt_func, base_lr, wd, true_wd = CASES[case]
+    model, ref_model = make_model(), make_model()
+    opt = OptimWrapper(model, opt_func, splitter=sequential_splitter, lr=base_lr, wd=wd, true_wd=true_wd)
+    ref = opt_func(reference_groups(opt, model, ref_model, l2_wd=wd))
+    scale = [1., 1., 1.]
+    for t, (xb, yb) in enumerate(batches()):
+        if t == 20: opt.scale_hyper('lr', 0.1); scale = [0.1] * 3
+        if t == 40: opt.scale_hyper('lr', [1., 0.5, 0.25]); scale = [0.1, 0.05, 0.025]
+        lrs, mom = schedule(t, base_lr)
+        opt.set_hyper('lr', lrs); opt.set_hyper('mom', mom)
+        for g in ref.param_groups:
+            g['lr'] = lrs[g['layer']] * scale[g['layer']]
+            if 'betas' in g: g['betas'] = (mom, g['betas'][1])
+            else: g['momentum'] = mom
+        loss_step(model, xb, yb); opt.step(); opt.zero_grad()
+        loss_step(ref_model, xb, yb); ref.step(); ref.zero_grad()
+    torch.testing.assert_close(flat(model), flat(ref_model), atol=1e-6, rtol=0)
+    assert opt.hyper_scales == {'lr': pytest.approx([0.1, 0.05, 0.025])}
+
+
+def test_scales_resume_exactly():
+    "Save a scaled wrapper mid-run (weights_only), load into a fresh one, continue the schedule: same weights as uninterrupted."
+    def fresh():
+        model = make_model()
+        return model, OptimWrapper(model, torch.optim.Adam, splitter=sequential_splitter, lr=1e-2)
+    def run(model, opt, data, t0):
+        for t, (xb, yb) in enumerate(data, t0):
+            opt.set_hyper('lr', schedule(t, 1e-2)[0]); loss_step(model, xb, yb); opt.step(); opt.zero_grad()
+    data = batches(20)
+    model, opt = fresh()
+    run(model, opt, data[:5], 0); opt.scale_hyper('lr', 0.3); run(model, opt, data[5:10], 5)
+    buf = io.BytesIO(); torch.save({'model': model.state_dict(), 'opt': opt.state_dict()}, buf)
+    run(model, opt, data[10:], 10)
+    model2, opt2 = fresh()
+    buf.seek(0); saved = torch.load(buf, weights_only=True)
+    model2.load_state_dict(saved['model']); opt2.load_state_dict(saved['opt'])
+    assert opt2.hyper_scales == {'lr': [0.3] * 3}
+    run(model2, opt2, data[10:], 10)
+    torch.testing.assert_close(flat(model2), flat(model), atol=0, rtol=0)
+
+
+def test_scales_reset_and_switch():
+    model = make_model()
+    opt = OptimWrapper(model, torch.optim.Adam, splitter=sequential_splitter, lr=1e-2, wd=0.1)
+    opt.set_hyper('lr', [1e-3, 2e-3, 3e-3])
+    opt.scale_hyper('lr', 0.1); opt.scale_hyper('lr', 0.5)
+    assert opt.get_hyper('lr') == pytest.approx([5e-5, 1e-4, 1.5e-4])
+    sgd = opt.switch(torch.optim.SGD)
+    assert sgd.hyper_scales == {'lr': pytest.approx([0.05] * 3)}
+    sgd.set_hyper('lr', 1.); assert sgd.get_hyper('lr') == pytest.approx([0.05] * 3)
+    sgd.reset_scales('lr'); assert sgd.get_hyper('lr') == [1.] * 3 and sgd.hyper_scales == {}
+    opt.reset_scales(); assert opt.get_hyper('lr') == [1e-3, 2e-3, 3e-3]   # exact: the unscaled values are kept
+    opt.reset_scales('lr')                                                  # nothing to reset: no error
+    with pytest.raises(ValueError, match='finite number > 0'): opt.scale_hyper('lr', -1.)
+    with pytest.raises(ValueError, match='valid names'): opt.scale_hyper('momentum', 0.5)
