@@ -15,3 +15,4 @@ from .rnn import *
 from .widgets import *
 from .training_extras import *
 from .loss import *
+from .distributed import *
