@@ -232,7 +232,10 @@ def test_plateau_state_resumes_through_checkpoint(tmp_path):
     with pytest.raises(KeyboardInterrupt): quietly(broken.fit_one_cycle, 6, 1e-2, cbs=[Stop()])
     resumed = make(); quietly(resumed.fit_one_cycle, 6, 1e-2, resume='checkpoint')
     assert same_weights(resumed.model.state_dict(), straight.model.state_dict())
-    for a, b in zip(resumed.cbs, straight.cbs): assert a.state_dict() == b.state_dict(), type(a)
+    def without_times(state):  # the recorder's epoch rows end with a wall time, which differs between runs
+        if 'values' not in state: return state
+        return {**state, 'values': [row[:-1] for row in state['values']]}
+    for a, b in zip(resumed.cbs, straight.cbs): assert without_times(a.state_dict()) == without_times(b.state_dict()), type(a)
     assert resumed.opt.hyper_scales == straight.opt.hyper_scales
 
 
