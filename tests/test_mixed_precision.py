@@ -15,6 +15,7 @@ from fastcore.test import test_eq as _test_eq
 from phaselearn.all import *
 from phaselearn.mixed_precision import *
 from phaselearn.mixed_precision import _precision_cbs
+from syncs import cuda_sync_warnings
 
 MODES = ['bf16', 'fp16', 'fp16_classic']
 DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
@@ -474,13 +475,7 @@ def test_bad_input():
 
 def _cuda_syncs(learn, n_epoch) -> int:
     "Synchronising CUDA calls during `learn.fit(n_epoch)`, as CUDA's sync debug mode reports them."
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
-        torch.cuda.set_sync_debug_mode('warn')
-        try: learn.fit(n_epoch)
-        finally: torch.cuda.set_sync_debug_mode(0)
-    return sum('synchroniz' in str(w.message).lower() for w in caught)
+    return len(cuda_sync_warnings(lambda: learn.fit(n_epoch)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

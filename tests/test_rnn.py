@@ -18,6 +18,7 @@ from phaselearn.learner import Learner
 from phaselearn.schedule import SchedLin, SchedCos
 from phaselearn.mixed_precision import MixedPrecision
 from phaselearn.rnn import *
+from syncs import SyncCounter
 
 
 # ------------------------------------------------------------------------------------------------------------ helpers
@@ -299,24 +300,6 @@ def test_loss_term_bad_input():
     with pytest.raises(ValueError, match='scalar tensor, got 0.5'): learn.fit(1)
 
 
-class SyncCounter:
-    "Counts calls that read a tensor's value on the host, made from phaselearn/rnn.py, while active."
-    METHODS = ('item', 'tolist', 'numpy', '__float__', '__int__', '__bool__', '__index__')
-    def __enter__(self):
-        self.count, self._saved = 0, {name: torch.Tensor.__dict__.get(name) for name in self.METHODS}
-        for name in self.METHODS:
-            original = getattr(torch.Tensor, name)
-            def wrapper(tensor, *args, _original=original, **kwargs):
-                if sys._getframe(1).f_code.co_filename.replace('\\', '/').endswith('phaselearn/rnn.py'): self.count += 1
-                return _original(tensor, *args, **kwargs)
-            setattr(torch.Tensor, name, wrapper)
-        return self
-    def __exit__(self, *exc):
-        for name, saved in self._saved.items():
-            if saved is None: delattr(torch.Tensor, name)
-            else: setattr(torch.Tensor, name, saved)
-
-
 def test_no_host_sync_per_batch():
     "RNNCallback and the terms read nothing on the host per batch: the terms move once per training pass."
     learn = lm_learner(rnn_cbs() + [LossTerm(lambda learn: learn.pred.float().pow(2).mean(), weight=1e-3)], n_train=6000)
@@ -324,9 +307,9 @@ def test_no_host_sync_per_batch():
     with SyncCounter() as counter: learn.fit(n_epoch)
     n_batches = n_epoch * (len(learn.dls.train) + len(learn.dls.valid))
     assert n_batches >= 20
-    assert counter.count <= 2 * n_epoch, counter.count   # one flush per term per training pass
+    assert counter.by_file('phaselearn/rnn.py') <= 2 * n_epoch, counter.files   # one flush per term per training pass
     with SyncCounter() as counter: learn.rnn_regularizer.values; learn.loss_term.values
-    assert counter.count == 0   # already on the host
+    assert counter.by_file('phaselearn/rnn.py') == 0   # already on the host
 
 
 # ---------------------------------------------------------------------------------------------------- RNNRegularizer

@@ -5,7 +5,7 @@ list with a tensor) makes the host wait for the device. On a CPU machine nothing
 themselves: every such call made during a fit is recorded with the code that made it, and the library's own calls must
 be O(epochs), not O(batches). Where CUDA is available, a second test asks CUDA itself (`torch.cuda.set_sync_debug_mode`).
 """
-import collections, contextlib, io, sys, warnings
+import contextlib, io
 import pytest
 import torch
 from torch import nn
@@ -15,40 +15,7 @@ from phaselearn.metrics import accuracy
 from phaselearn.learner import Learner
 from phaselearn.recorder import ProgressCallback
 
-SYNC_METHODS = ('item', 'tolist', 'numpy', '__float__', '__int__', '__bool__', '__index__', '__complex__')
-_TENSOR_HELPERS = ('torch/_tensor.py', 'torch/_tensor_str.py', 'torch/overrides.py')  # f"{t}" calls item() from here
-
-
-def _origin(frame) -> str:
-    "Who asked for the value: the first frame outside torch's Tensor helpers, as 'phaselearn', 'torch.optim', or a file."
-    while frame is not None and frame.f_code.co_filename.replace('\\', '/').endswith(_TENSOR_HELPERS): frame = frame.f_back
-    if frame is None: return '?'
-    filename = frame.f_code.co_filename.replace('\\', '/')
-    if '/phaselearn/' in filename: return 'phaselearn'
-    if '/torch/optim/' in filename: return 'torch.optim'
-    return filename
-
-
-class SyncCounter:
-    "Counts, by origin, the calls that read a tensor's value on the host while active (a context manager)."
-    def __init__(self): self.calls, self.tensor_ids = collections.Counter(), collections.defaultdict(set)
-    def __enter__(self):
-        self._saved = {name: torch.Tensor.__dict__.get(name) for name in SYNC_METHODS}
-        for name in SYNC_METHODS:
-            original = getattr(torch.Tensor, name)
-            def wrapper(tensor, *args, _original=original, _name=name, **kwargs):
-                origin = _origin(sys._getframe(1))
-                self.calls[(origin, _name)] += 1
-                self.tensor_ids[origin].add(id(tensor))
-                return _original(tensor, *args, **kwargs)
-            setattr(torch.Tensor, name, wrapper)
-        return self
-    def __exit__(self, *exc):
-        for name, saved in self._saved.items():
-            if saved is None: delattr(torch.Tensor, name)
-            else: setattr(torch.Tensor, name, saved)
-    def total(self, exclude=()) -> int: return sum(n for (origin, _), n in self.calls.items() if origin not in exclude)
-    def by_origin(self, origin) -> int: return sum(n for (o, _), n in self.calls.items() if o == origin)
+from syncs import SyncCounter, cuda_sync_warnings
 
 
 def digits_learner(**kwargs):
@@ -120,12 +87,6 @@ def test_cuda_sync_debug_mode():
     learn.progress.refresh = 1e9
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         learn.fit(1)
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter('always')
-            torch.cuda.set_sync_debug_mode('warn')
-            try: learn.fit(n_epoch)
-            finally: torch.cuda.set_sync_debug_mode(0)
-    syncs = [w for w in caught if 'called a synchronizing' in str(w.message)]  # not the 'prototype feature' notice
+        syncs = cuda_sync_warnings(lambda: learn.fit(n_epoch))
     n_batches = n_epoch * (len(learn.dls.train) + len(learn.dls.valid))
     assert len(syncs) < 5 * n_epoch, f"{len(syncs)} syncs for {n_batches} batches: {[str(w.message)[:100] for w in syncs[:5]]}"
