@@ -52,7 +52,7 @@ def state_of(learn) -> dict:
                 opt=learn.opt, opt_state=None if learn.opt is None else copy.deepcopy(learn.opt.state_dict()),
                 cbs=list(learn.cbs), dls=learn.dls, loss_func=learn.loss_func,
                 epochs=(getattr(learn.dls.train, 'epoch', None), getattr(getattr(learn.dls.train, 'sampler', None), 'epoch', None)),
-                rng=rng_states())
+                rng=rng_state_dict())
 
 
 def assert_restored(learn, before):
@@ -67,8 +67,8 @@ def assert_restored(learn, before):
     assert all(cb.learn is learn for cb in learn.cbs)
     assert after['dls'] is before['dls'] and after['loss_func'] is before['loss_func']
     assert after['epochs'] == before['epochs'], 'loader epoch counters changed'
-    set_rng_states(before['rng']); expected = draws()
-    set_rng_states(after['rng']); assert same(draws(), expected), 'a random stream moved'
+    load_rng_state_dict(before['rng']); expected = draws()
+    load_rng_state_dict(after['rng']); assert same(draws(), expected), 'a random stream moved'
 
 
 # ---------------------------------------------------------------------------------------------------------- learners
@@ -357,10 +357,10 @@ def test_failing_callback_restore_still_restores_the_rest():
 
     learn = digits_learner(cbs=[BadState()])
     learn.fit(1)
-    weights, rng = copy.deepcopy(learn.model.state_dict()), rng_states()
+    weights, rng = copy.deepcopy(learn.model.state_dict()), rng_state_dict()
     with pytest.raises(RuntimeError, match='cannot load'): learn.lr_find(num_it=20, show_plot=False)
     assert same(learn.model.state_dict(), weights)
-    after = draws(); set_rng_states(rng); assert same(after, draws())
+    after = draws(); load_rng_state_dict(rng); assert same(after, draws())
 
 
 def test_diverges_at_once_returns_nan_and_warns():
