@@ -1,0 +1,152 @@
+"""The widgets chapter in a real frontend: JupyterLab on 127.0.0.1, driven in headless Chromium.
+
+A copy of nbs/18_widgets.ipynb, with three cells added at the end (a `schedule_widget`, an `lr_find_widget`, and a cell
+that prints the objects they hold), is opened in JupyterLab and run whole. The test then moves the `lr_max` slider of
+the schedule explorer and the `lr` slider of the lr finder with the keyboard, as a user would, and checks that each
+plot is redrawn and that the Python objects follow the sliders (read back by running the printing cell)."""
+import json, os, re, secrets, shutil, subprocess, sys, time, urllib.request
+from pathlib import Path
+import pytest
+from browser import ROOT, need, chromium, free_port, screenshot
+
+ADDED = [
+    "check_schedule = schedule_widget(OneCycle, lr_max=1e-2, n_epoch=4, n_iter_per_epoch=20)\ncheck_schedule",
+    "set_seed(0)\ncheck_learn = Learner(digits_dls(bs=64, seed=0), nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)),\n"
+    "                      loss_func=nn.CrossEntropyLoss())\ncheck_lr = lr_find_widget(check_learn, num_it=30)\ncheck_lr",
+    "print(f'lr_max={check_schedule.policy.lr_max!r} lr={check_lr.lr!r} done')",
+]
+
+
+def _notebook(dest: Path) -> Path:
+    nb = json.loads((ROOT / 'nbs' / '18_widgets.ipynb').read_text())
+    for source in ADDED:
+        nb['cells'].append({'cell_type': 'code', 'execution_count': None, 'id': secrets.token_hex(4), 'metadata': {},
+                            'outputs': [], 'source': source})
+    nb['metadata']['kernelspec'] = {'display_name': 'Python 3', 'language': 'python', 'name': 'python3'}
+    path = dest / 'widgets_check.ipynb'
+    path.write_text(json.dumps(nb))
+    return path
+
+
+@pytest.fixture(scope='module')
+def lab(tmp_path_factory):
+    need(shutil.which('jupyter-lab') is not None or _has_module('jupyterlab'), 'JupyterLab is not installed: pip install -e ".[docs]"')
+    tmp = tmp_path_factory.mktemp('lab')
+    work, home = tmp / 'work', tmp / 'home'
+    work.mkdir(); home.mkdir()
+    _notebook(work)
+    settings = home / 'lab-settings' / '@jupyterlab' / 'notebook-extension'
+    settings.mkdir(parents=True)
+    (settings / 'tracker.jupyterlab-settings').write_text(json.dumps({'windowingMode': 'none'}))  # render every cell
+    port, token = free_port(), secrets.token_hex(16)
+    env = {**os.environ, 'HOME': str(home), 'JUPYTER_CONFIG_DIR': str(home / 'config'), 'JUPYTER_DATA_DIR': str(home / 'data'),
+           'JUPYTER_RUNTIME_DIR': str(home / 'runtime'), 'JUPYTERLAB_SETTINGS_DIR': str(home / 'lab-settings'),
+           'JUPYTERLAB_WORKSPACES_DIR': str(home / 'workspaces'), 'MPLBACKEND': 'module://matplotlib_inline.backend_inline',
+           'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
+    log = open(tmp / 'lab.log', 'w')
+    proc = subprocess.Popen([sys.executable, '-m', 'jupyterlab', '--no-browser', '--allow-root', '--ServerApp.ip=127.0.0.1',
+                             f'--ServerApp.port={port}', '--ServerApp.port_retries=0', f'--IdentityProvider.token={token}',
+                             f'--ServerApp.root_dir={work}', '--LabApp.news_url=', '--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate'],
+                            cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=5); break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.flush(); pytest.fail("JupyterLab did not start:\n" + (tmp / 'lab.log').read_text()[-3000:])
+                time.sleep(0.5)
+        yield base, token
+    finally:
+        proc.terminate()
+        try: proc.wait(30)
+        except subprocess.TimeoutExpired: proc.kill(); proc.wait()
+        log.close()
+
+
+def _has_module(name):
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
+def _cell(page, text):
+    return page.locator('.jp-CodeCell').filter(has_text=text).last
+
+
+def _output_text(cell) -> str:
+    return cell.locator('.jp-OutputArea').inner_text()
+
+
+def _move(page, cell, description: str, presses: int):
+    "Press ArrowRight `presses` times on the handle of the slider labelled `description` in `cell`'s output."
+    slider = cell.locator('.widget-hslider').filter(has=page.locator('label', has_text=re.compile(f'^{re.escape(description)}$'))).first
+    handle = slider.locator('.noUi-handle')
+    handle.scroll_into_view_if_needed()
+    handle.focus()
+    for _ in range(presses): page.keyboard.press('ArrowRight'); page.wait_for_timeout(100)
+    return slider
+
+
+def _plot_src(cell) -> str:
+    img = cell.locator('.jp-OutputArea img').last
+    img.wait_for(state='visible', timeout=60_000)
+    return img.get_attribute('src')
+
+
+def _wait_change(cell, before: str, what: str, timeout=60.):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _plot_src(cell) != before: return
+        time.sleep(0.25)
+    pytest.fail(f"the {what} plot was not redrawn after the slider moved")
+
+
+def _readout(slider) -> float:
+    return float(slider.locator('.widget-readout').inner_text().strip())
+
+
+def test_sliders_drive_plots_and_objects_in_jupyterlab(lab):
+    base, token = lab
+    with chromium() as browser:
+        page = browser.new_page(viewport={'width': 1400, 'height': 1000})
+        outside = []
+        page.on('request', lambda r: None if r.url.startswith(('http://127.0.0.1', 'ws://127.0.0.1', 'data:', 'blob:')) else outside.append(r.url))
+        page.goto(f"{base}/lab/tree/widgets_check.ipynb?token={token}", wait_until='load')
+        page.locator('.jp-Notebook .jp-Cell').first.wait_for(state='visible', timeout=120_000)
+        page.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]').first.wait_for(timeout=120_000)
+        page.click('.lm-MenuBar-itemLabel:text-is("Run")')
+        page.click('.lm-Menu-itemLabel:text-is("Run All Cells")')
+        done = _cell(page, 'lr_max={check_schedule.policy.lr_max!r}')
+        try: done.locator('.jp-OutputArea', has_text='done').wait_for(timeout=900_000)
+        except Exception:
+            screenshot(page, 'lab_failed', full_page=True)
+            errors = page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]').all_inner_texts()
+            pytest.fail(f"the widgets chapter did not run to the end in JupyterLab; errors shown: {errors[:3]}")
+        first = dict(re.findall(r'(\w+)=([0-9.e+-]+)', _output_text(done)))
+
+        schedule = _cell(page, 'check_schedule = schedule_widget')
+        before = _plot_src(schedule)
+        slider = _move(page, schedule, 'lr_max', 6)
+        _wait_change(schedule, before, 'schedule')
+        screenshot(page, 'lab_schedule_widget', element=schedule)
+        lr_max_shown = _readout(slider)
+
+        finder = _cell(page, 'check_lr = lr_find_widget')
+        before = _plot_src(finder)
+        slider = _move(page, finder, 'lr', 10)
+        _wait_change(finder, before, 'lr finder')
+        screenshot(page, 'lab_lr_find_widget', element=finder)
+        lr_shown = _readout(slider)
+
+        done.locator('.jp-InputArea-editor').click()
+        page.keyboard.press('Shift+Enter')
+        page.wait_for_function("([el, old]) => el.innerText.includes('done') && el.innerText !== old",
+                               arg=[done.locator('.jp-OutputArea').element_handle(), _output_text(done)], timeout=60_000)
+        now = dict(re.findall(r'(\w+)=([0-9.e+-]+)', _output_text(done)))
+        assert float(now['lr_max']) != float(first['lr_max']) and float(now['lr']) != float(first['lr']), (first, now)
+        assert float(now['lr_max']) == pytest.approx(lr_max_shown, rel=1e-2), (now, lr_max_shown)   # readout: 3 digits
+        assert float(now['lr']) == pytest.approx(lr_shown, rel=1e-2), (now, lr_shown)
+        assert not outside, f"JupyterLab requested outside hosts: {outside[:5]}"
+        page.close()
