@@ -207,7 +207,8 @@ def page_notebook(nb: dict, source_link: str | None = None) -> dict:
 def _package_hash(root: Path) -> str:
     import hashlib
     h = hashlib.sha256()
-    for p in sorted((root / 'phaselearn').rglob('*.py')): h.update(p.read_bytes())
+    for p in sorted((root / 'phaselearn').rglob('*.py')):
+        if p.name not in ('docs.py', '_modidx.py'): h.update(p.read_bytes())   # the docs build itself runs nothing
     return h.hexdigest()
 
 def _notebook_key(path: Path, package_hash: str) -> str:
@@ -265,7 +266,7 @@ def _execute_all(root: Path, paths: list, exec_dir: Path, n_workers: int, force:
     return out
 
 # %% ../nbs/12_docs.ipynb #0824cfd3
-def _process_all(root: Path, executed: list, proc_dir: Path, n_workers: int) -> list:
+def _process_all(root: Path, executed: list, proc_dir: Path, n_workers: int, reuse: bool = True) -> list:
     import os
     import nbdev.serve_drv
     from nbdev.doclinks import _build_modidx
@@ -275,8 +276,9 @@ def _process_all(root: Path, executed: list, proc_dir: Path, n_workers: int) -> 
     try:
         _build_modidx()
         proc_dir.mkdir(parents=True, exist_ok=True)
-        jobs = [(p, proc_dir / p.name, FilterDefaults) for p in executed]
-        parallel(nbdev.serve_drv.main, jobs, n_workers=n_workers, pause=0.01, method='spawn')
+        fresh = lambda p: reuse and (proc_dir / p.name).exists() and (proc_dir / p.name).stat().st_mtime >= p.stat().st_mtime
+        jobs = [(p, proc_dir / p.name, FilterDefaults) for p in executed if not fresh(p)]
+        if jobs: parallel(nbdev.serve_drv.main, jobs, n_workers=n_workers, pause=0.01, method='spawn')
     finally: os.chdir(here)
     return [proc_dir / p.name for p in executed]
 
@@ -345,7 +347,8 @@ def cdn_references(site: Path) -> list:
 
 # %% ../nbs/12_docs.ipynb #44d20265
 WIDGETS_NOTE = ('<div class="admonition note"><p class="admonition-title">Widgets on this page</p><p>The sliders below are '
-                'the widgets saved when this page was built: they move, but their plots are drawn by Python, and a static page '
+                'the widgets as they were at the end of the notebook\'s run (later cells may have moved them): they move, but their '
+                'plots are drawn by Python, and a static page '
                 'has no kernel, so the plots cannot redraw. Download the notebook (link above) and run it in Jupyter to '
                 'explore the schedules live.</p></div>')
 
@@ -371,7 +374,7 @@ def _mkdocs_yml(root: Path, nav: list) -> str:
            'nav': nav, 'extra_css': ['assets/phaselearn.css'], 'hooks': ['hooks.py'],
            'markdown_extensions': ['admonition', 'tables', {'toc': {'permalink': True}}],
            'plugins': ['search', {'mkdocs-jupyter': {
-               'execute': False, 'include_requirejs': True, 'no_prompt': True, 'ignore': ['src/*'], 'cache': False,
+               'execute': False, 'include_requirejs': True, 'no_prompt': True, 'ignore': ['src/*'], 'cache': True, 'cache_dir': '.cache/mkdocs-jupyter',
                'custom_mathjax_url': 'assets/vendor/mathjax/MathJax.js?config=TeX-AMS_CHTML-full,Safe',
                'remove_tag_config': {'remove_input_tags': ['remove_input'], 'remove_all_outputs_tags': ['remove_output']}}}]}
     return yaml.safe_dump(cfg, sort_keys=False)
@@ -392,7 +395,7 @@ def build_site(root: Path | None = None, execute: bool = True, n_workers: int = 
     if not paths: raise FileNotFoundError(f"no notebooks to build in {root / 'nbs'}" + (f" named {names}" if names else ''))
     executed = _execute_all(root, paths, docs / 'executed', n_workers, force) if execute else paths
     times['execute'], t = time.time() - t, time.time()
-    processed = _process_all(root, executed, docs / 'proc', n_workers)
+    processed = _process_all(root, executed, docs / 'proc', n_workers, reuse=execute and not force)
     times['nbdev processing'], t = time.time() - t, time.time()
     md, doc_url = docs / 'md', _setting(root, 'doc_host').rstrip('/') + '/' + _setting(root, 'doc_baseurl').strip('/') + '/'
     shutil.rmtree(md, ignore_errors=True); (md / 'src').mkdir(parents=True)
