@@ -69,7 +69,11 @@ def test_show_doc_signature_and_anchor(site):
     text = page.inner_text('article')
     assert re.search(r'def fit\(\s*n_epoch', text), "no show_doc signature for Learner.fit"
     assert page.locator('[id="learner.fit"]').count() == 1, "no anchor named as nbdev's doc links name it"
-    assert 'test_eq(' not in text, "a test cell is shown in the docs"
+    from phaselearn.docs import is_test_cell
+    inputs = page.locator('.jp-CodeCell .jp-InputArea-editor').all_inner_texts()
+    assert inputs, "no code cell found on the Learner page"
+    shown_tests = [s for s in inputs if is_test_cell(s)]
+    assert not shown_tests, f"test-only cells are shown in the docs: {shown_tests[:2]}"
     assert not outside, outside
 
 

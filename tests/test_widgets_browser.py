@@ -107,6 +107,23 @@ def _readout(slider) -> float:
     return float(slider.locator('.widget-readout').inner_text().strip())
 
 
+def _run_all(page, tries=3):
+    "Run > Run All Cells, until the first code cell is seen queued or run (a click before the kernel is wired up is lost)."
+    started = page.locator('.jp-CodeCell .jp-InputPrompt').filter(has_text=re.compile(r'\[(\*|\d+)\]'))
+    for attempt in range(tries):
+        dialog = page.locator('.jp-Dialog')
+        if dialog.count():   # e.g. the kernel picker: take its default, but say what it was
+            screenshot(page, f'lab_dialog_{attempt}')
+            print('JupyterLab dialog:', dialog.first.inner_text()[:300])
+            page.locator('.jp-Dialog .jp-mod-accept').first.click()
+        page.click('.lm-MenuBar-itemLabel:text-is("Run")')
+        page.click('.lm-Menu-itemLabel:text-is("Run All Cells")')
+        try: started.first.wait_for(timeout=20_000); return
+        except Exception: page.wait_for_timeout(2_000)
+    screenshot(page, 'lab_not_started')
+    pytest.fail("Run All Cells did not start the notebook in JupyterLab")
+
+
 def test_sliders_drive_plots_and_objects_in_jupyterlab(lab):
     base, token = lab
     with chromium() as browser:
@@ -116,8 +133,7 @@ def test_sliders_drive_plots_and_objects_in_jupyterlab(lab):
         page.goto(f"{base}/lab/tree/widgets_check.ipynb?token={token}", wait_until='load')
         page.locator('.jp-Notebook .jp-Cell').first.wait_for(state='visible', timeout=120_000)
         page.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]').first.wait_for(timeout=120_000)
-        page.click('.lm-MenuBar-itemLabel:text-is("Run")')
-        page.click('.lm-Menu-itemLabel:text-is("Run All Cells")')
+        _run_all(page)
         done = _cell(page, 'lr_max={check_schedule.policy.lr_max!r}')
         try: done.locator('.jp-OutputArea', has_text='done').wait_for(timeout=900_000)
         except Exception:
@@ -140,10 +156,14 @@ def test_sliders_drive_plots_and_objects_in_jupyterlab(lab):
         screenshot(page, 'lab_lr_find_widget', element=finder)
         lr_shown = _readout(slider)
 
+        prompt = done.locator('.jp-InputPrompt').first
+        before = prompt.inner_text()
         done.locator('.jp-InputArea-editor').click()
         page.keyboard.press('Shift+Enter')
-        page.wait_for_function("([el, old]) => el.innerText.includes('done') && el.innerText !== old",
-                               arg=[done.locator('.jp-OutputArea').element_handle(), _output_text(done)], timeout=60_000)
+        deadline = time.monotonic() + 120
+        while prompt.inner_text() in (before, '[*]:') and time.monotonic() < deadline: time.sleep(0.25)
+        screenshot(page, 'lab_objects', element=done)
+        assert prompt.inner_text() not in (before, '[*]:'), f"the printing cell did not run again ({before} -> {prompt.inner_text()})"
         now = dict(re.findall(r'(\w+)=([0-9.e+-]+)', _output_text(done)))
         assert float(now['lr_max']) != float(first['lr_max']) and float(now['lr']) != float(first['lr']), (first, now)
         assert float(now['lr_max']) == pytest.approx(lr_max_shown, rel=1e-2), (now, lr_max_shown)   # readout: 3 digits
