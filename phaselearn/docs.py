@@ -443,7 +443,7 @@ def docs_cli(no_execute: bool = False,  # render the notebooks as saved (no widg
              n_workers: int = 2,  # notebooks executed (and processed) at the same time
              names: str = '',  # only these notebooks, by stem, comma-separated (e.g. 07_learner,18_widgets)
              quarto: bool = False):  # run nbdev_docs (Quarto) instead, or say in one line why it cannot run here
-    "Build the HTML docs site in `_docs/site/` (open `_docs/site/index.html`); `--quarto` for nbdev's Quarto site."
+    "Build the HTML docs site in `_docs/site/` (serve it: python -m http.server -d _docs/site); `--quarto`: nbdev's Quarto site."
     if quarto: raise SystemExit(quarto_docs())
     site = build_site(execute=not no_execute, force=force, n_workers=n_workers,
                       names=[n for n in names.split(',') if n] or None)
