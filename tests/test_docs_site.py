@@ -120,3 +120,18 @@ def test_no_page_names_a_cdn():
     need(SITE.joinpath('index.html').exists(), f"no docs site in {SITE}: build it with `phaselearn_docs`")
     from phaselearn.docs import cdn_references
     assert cdn_references(SITE) == []
+
+
+def test_no_transient_progress_bar_in_pages():
+    "tqdm bars made with leave=False (hidden when done, or stopped short and red) are not saved into any page."
+    need(SITE.joinpath('index.html').exists(), f"no docs site in {SITE}: build it with `phaselearn_docs`")
+    from phaselearn.docs import _transient_bar
+    pattern = re.compile(r'<script type="application/vnd.jupyter.widget-state\+json">(.*?)</script>', re.S)
+    bars, pages_with_state = [], 0
+    for page in SITE.glob('*.html'):
+        for blob in pattern.findall(page.read_text()):
+            pages_with_state += 1
+            state = json.loads(blob)['state']
+            bars += [(page.name, mid) for mid in state if _transient_bar(state, mid)]
+    assert pages_with_state >= 1, "no page carries widget state: the widgets chapter was not executed with store_widget_state"
+    assert not bars, f"transient progress bars saved in pages: {bars[:5]}"
