@@ -107,7 +107,7 @@ def _readout(slider) -> float:
     return float(slider.locator('.widget-readout').inner_text().strip())
 
 
-def _run_all(page, tries=3):
+def _run_all(page, tries=4):
     "Run > Run All Cells, until the first code cell is seen queued or run (a click before the kernel is wired up is lost)."
     started = page.locator('.jp-CodeCell .jp-InputPrompt').filter(has_text=re.compile(r'\[(\*|\d+)\]'))
     for attempt in range(tries):
@@ -116,10 +116,12 @@ def _run_all(page, tries=3):
             screenshot(page, f'lab_dialog_{attempt}')
             print('JupyterLab dialog:', dialog.first.inner_text()[:300])
             page.locator('.jp-Dialog .jp-mod-accept').first.click()
-        page.click('.lm-MenuBar-itemLabel:text-is("Run")')
-        page.click('.lm-Menu-itemLabel:text-is("Run All Cells")')
-        try: started.first.wait_for(timeout=20_000); return
-        except Exception: page.wait_for_timeout(2_000)
+        try:   # a dialog that opens in between makes a click time out: then look again
+            page.click('.lm-MenuBar-itemLabel:text-is("Run")', timeout=10_000)
+            page.click('.lm-Menu-itemLabel:text-is("Run All Cells")', timeout=10_000)
+            started.first.wait_for(timeout=20_000); return
+        except Exception:
+            page.keyboard.press('Escape'); page.wait_for_timeout(2_000)
     screenshot(page, 'lab_not_started')
     pytest.fail("Run All Cells did not start the notebook in JupyterLab")
 
