@@ -121,7 +121,8 @@ def _run_all(page, tries=4):
             page.click('.lm-Menu-itemLabel:text-is("Run All Cells")', timeout=10_000)
             started.first.wait_for(timeout=20_000); return
         except Exception:
-            page.keyboard.press('Escape'); page.wait_for_timeout(2_000)
+            if not page.locator('.jp-Dialog').count(): page.keyboard.press('Escape')   # close a menu left open
+            page.wait_for_timeout(2_000)
     screenshot(page, 'lab_not_started')
     pytest.fail("Run All Cells did not start the notebook in JupyterLab")
 
