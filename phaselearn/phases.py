@@ -461,8 +461,8 @@ def fit_phases(self: Learner, phases, cbs=None, resume=None):
     self._check_ready()
     if self.opt is None: self.create_opt()
     lengths = _phase_lengths(self, phases)
-    _check_plan(self, phases, lengths)
     _learner_preview(self, phases, lengths, list(cbs or []))  # every attribute path and value, checked before training
+    _check_plan(self, phases, lengths)
     scheduler = PhaseScheduler(phases, lengths)
     self._run([n for passes in lengths for n in passes], [scheduler] + list(cbs or []), resume)
 

@@ -130,6 +130,33 @@ def test_reduce_lr_on_plateau_scales_the_preview(plan):
     assert first == sum(learn.recorder.epoch_batches[:2])
 
 
+class ReadProgress(Callback):
+    "Reads `learn.progress` around every batch, as a loss or a module would."
+    def before_fit(self): self.seen = []
+    def before_batch(self):
+        progress = self.learn.progress
+        if self.training: self.seen.append(progress)
+    def after_batch(self): self.learn.progress
+
+
+def test_attributes_and_progress_cost_no_host_sync():
+    "Scheduling attributes and reading learn.progress at every batch add no host read of a tensor to the fit."
+    from syncs import SyncCounter
+    def reads(plan, cbs):
+        learn = make_learner()
+        with SyncCounter() as counter: learn.fit_phases(plan, cbs=cbs)
+        return sum(counter.calls.values())
+    plain = [TrainingPhase(epochs=1, lr=SchedCos(1e-3, 1e-2)), TrainingPhase(iters=10, bs=128, lr=1e-3)]
+    scheduled = [TrainingPhase(epochs=1, lr=SchedCos(1e-3, 1e-2), attrs={'model.2.p': SchedLin(0.5, 0.1)}),
+                 TrainingPhase(iters=10, bs=128, lr=1e-3, attrs={'loss_func.label_smoothing': SchedLin(0.1, 0.)})]
+    reader = ReadProgress()
+    assert reads(scheduled, [reader]) == reads(plain, [])
+    assert [p.phase for p in reader.seen] == [0] * 23 + [1] * 10
+    assert [p.phase_iter for p in reader.seen] == list(range(23)) + list(range(10))
+    assert [p.phase_pct for p in reader.seen] == [i / 23 for i in range(23)] + [i / 10 for i in range(10)]
+    assert [p.samples for p in reader.seen[24:]] == [1438 + 128 * i for i in range(1, 10)]
+
+
 class KillAt(Callback):
     order = 100
     def __init__(self, at: int): self.at = at
