@@ -312,7 +312,7 @@ class TrainingProgress:
       `phase_iter`: training batches of the phase done (inside a batch, before `after_batch`: the batch's 0-based
       position in the phase); `phase_pct = phase_iter / phase_len`, the `pct` of the phase's schedules.
     - `epoch`; `iter`: batch index in the current pass (training or validation); `train_iter`: training batches done in
-      the fit; `pct_train = train_iter / total_iter`; `samples`: training samples done in the fit."""
+      the fit; `pct_train = train_iter / total_iter`; `samples`: training samples done in the fit (by this process: under DDP, this rank's share)."""
     __slots__ = ('phase', 'phase_iter', 'phase_len', 'phase_pct', 'epoch', 'iter', 'train_iter', 'pct_train', 'samples', '_learn')
     fields = __slots__[:-1]
     def __init__(self, learn, **values):
