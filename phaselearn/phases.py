@@ -577,6 +577,6 @@ def fit_warmup_cosine(self: Learner, n_epoch, lr_max=None, warmup_pct=0.1, div_f
 # %% ../nbs/08_phases.ipynb #d9760cac
 @patch
 def plot_sched(self: Recorder, names=('lr', 'mom')):
-    "Plot the hyperparameters recorded batch by batch during the last fit (one panel each)."
-    values = {name: self.hyper(name) for name in names if name in self.learn.opt.hyper_names}
+    "Plot the hyperparameters (and tracked values such as scheduled attributes) recorded batch by batch during the last fit (one panel each)."
+    values = {name: self.hyper(name) for name in names if name in self.learn.opt.hyper_names or name in self.tracked}
     return plot_hypers(values)
