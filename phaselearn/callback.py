@@ -81,6 +81,7 @@ class TrainEvalCallback(Callback):
     order = -100
     def before_fit(self):
         self.learn.train_iter, self.learn.pct_train = 0, 0.
+        self.learn.train_samples, self.learn.phase_span = 0, (0, 0, None)  # phase index, its first train_iter, its length
     def before_train(self):
         self.learn.training = True
         self.model.train()
@@ -88,9 +89,13 @@ class TrainEvalCallback(Callback):
         if not self.learn.training: return
         self.learn.train_iter += 1
         self.learn.pct_train = self.learn.train_iter / self.learn.total_iter
+        batch = self.learn.yb or self.learn.xb
+        self.learn.train_samples += batch[0].shape[0] if batch and getattr(batch[0], 'ndim', 0) else 1
     def before_validate(self):
         self.learn.training = False
         self.model.eval()
     def after_fit(self):
         self.learn.training = False
         self.model.eval()
+    def state_dict(self) -> dict: return {'train_samples': getattr(self.learn, 'train_samples', 0)}
+    def load_state_dict(self, state: dict): self.learn.train_samples = state['train_samples']

@@ -17,7 +17,7 @@ from .recorder import *
 from .optimizer import *
 
 # %% auto #0
-__all__ = ['FORMAT_VERSION', 'unwrap_model', 'LoadError', 'Learner', 'GatherPreds']
+__all__ = ['FORMAT_VERSION', 'unwrap_model', 'LoadError', 'Learner', 'GatherPreds', 'TrainingProgress']
 
 # %% ../nbs/07_learner.ipynb #a60a1c15
 _null_context = contextlib.nullcontext()
@@ -303,6 +303,45 @@ def freeze_to(self: Learner, n: int):
 def freeze(self: Learner): return self.freeze_to(-1)
 @patch
 def unfreeze(self: Learner): return self.freeze_to(0)
+
+# %% ../nbs/07_learner.ipynb #8424ec28
+class TrainingProgress:
+    """Where training is, from numbers the loop keeps on the host (no sync):
+
+    - `phase`: index of the current phase of `fit_phases` (0 in a plain fit); `phase_len`: its training batches;
+      `phase_iter`: training batches of the phase done (inside a batch, before `after_batch`: the batch's 0-based
+      position in the phase); `phase_pct = phase_iter / phase_len`, the `pct` of the phase's schedules.
+    - `epoch`; `iter`: batch index in the current pass (training or validation); `train_iter`: training batches done in
+      the fit; `pct_train = train_iter / total_iter`; `samples`: training samples done in the fit (by this process: under DDP, this rank's share)."""
+    __slots__ = ('phase', 'phase_iter', 'phase_len', 'phase_pct', 'epoch', 'iter', 'train_iter', 'pct_train', 'samples', '_learn')
+    fields = __slots__[:-1]
+    def __init__(self, learn, **values):
+        object.__setattr__(self, '_learn', learn)
+        for name in self.fields: object.__setattr__(self, name, values[name])
+
+    def as_dict(self) -> dict: return {name: getattr(self, name) for name in self.fields}
+    def __repr__(self): return 'TrainingProgress(' + ', '.join(f"{k}={v!r}" for k, v in self.as_dict().items()) + ')'
+    def __eq__(self, other): return isinstance(other, TrainingProgress) and self.as_dict() == other.as_dict()
+
+    def __getattr__(self, name):  # earlier code reached the progress bar as `learn.progress`
+        if name.startswith('_') or name in TrainingProgress.fields: raise AttributeError(name)
+        return getattr(self._learn.progress_bar, name)
+    def __setattr__(self, name, value):
+        if name in TrainingProgress.fields: raise AttributeError(f"TrainingProgress.{name} is read-only (the loop sets it)")
+        setattr(self._learn.progress_bar, name, value)
+
+@patch(as_prop=True)
+def progress(self: Learner) -> TrainingProgress:
+    "Where training is now: phase, position in the phase, epoch, iteration, `pct_train`, samples seen (see `TrainingProgress`)."
+    state = self.__dict__
+    index, start, length = state.get('phase_span', (0, 0, None))
+    train_iter = state.get('train_iter', 0)
+    if length is None: length = state.get('total_iter', 0)
+    phase_iter = train_iter - start
+    return TrainingProgress(self, phase=index, phase_iter=phase_iter, phase_len=length,
+                            phase_pct=phase_iter / length if length else 0., epoch=state.get('epoch', 0),
+                            iter=state.get('iter', 0), train_iter=train_iter, pct_train=state.get('pct_train', 0.),
+                            samples=state.get('train_samples', 0))
 
 # %% ../nbs/07_learner.ipynb #e6a8f982
 @patch

@@ -5,9 +5,11 @@
 # %% ../nbs/08_phases.ipynb #7b208ae9
 from __future__ import annotations
 import math, numbers
+from functools import partial
 import numpy as np
 import torch
-from fastcore.basics import patch
+from torch import nn
+from fastcore.basics import patch, camel2snake
 from .core import *
 from .callback import *
 from .optimizer import *
@@ -17,43 +19,77 @@ from .learner import *
 from .data import _check_bs
 
 # %% auto #0
-__all__ = ['TrainingPhase', 'resolve_groups', 'Phases', 'plot_hypers', 'Preview', 'PhaseScheduler', 'OneCycle', 'SGDR', 'FlatCos',
-           'WarmupCosine']
+__all__ = ['TrainingPhase', 'resolve_groups', 'Phases', 'plot_hypers', 'Preview', 'attr_target', 'PhaseScheduler', 'OneCycle',
+           'SGDR', 'FlatCos', 'WarmupCosine']
+
+# %% ../nbs/08_phases.ipynb #f30f07e3
+def _real_value(value, where: str) -> float:
+    "`value` as a Python float when it is a finite real number (an int or float, not a bool); else a ValueError naming `where`."
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        result = float(value)
+        if math.isfinite(result): return result
+        raise ValueError(f"{where} is {result} (not finite): a schedule must give a finite number at every iteration")
+    raise ValueError(f"{where} is {value!r} (a {type(value).__name__}): it must be a real number (a Python int or float; "
+                     f"not a bool, a tensor or a list)")
 
 # %% ../nbs/08_phases.ipynb #56b5d0d1
 def _positive_number(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
+def _check_attrs_arg(attrs) -> dict:
+    "The `attrs=` of a phase as a dict `path -> constant or schedule`, or a ValueError saying what is valid."
+    if attrs is None: return {}
+    if not isinstance(attrs, dict):
+        raise TypeError(f"attrs must be a dict {{'path.to.attribute': constant or schedule}}, got {type(attrs).__name__}")
+    for path, value in attrs.items():
+        if not isinstance(path, str) or not path or any(not part for part in path.split('.')) or not path.split('.')[0].isidentifier():
+            raise ValueError(f"attrs keys are dotted paths from the learner such as 'model.drop.p', 'loss_func.label_smoothing' "
+                             f"or 'rnn_regularizer.alpha'; got {path!r}")
+        if not callable(value): _real_value(value, f"attrs[{path!r}]")
+    return dict(attrs)
+
 class TrainingPhase:
-    "One phase of training: a length, optional data/bs/optimizer/loss, and hyperparameters (constants or schedules)."
+    "One phase of training: a length, optional data/bs/optimizer/loss, hyperparameters and attributes (constants or schedules)."
     def __init__(self, epochs=None, iters=None, dls=None, bs=None, opt_func=None, loss_func=None, loss_weights=None,
-                 **hypers):
-        if (epochs is None) == (iters is None):
-            raise ValueError(f"TrainingPhase needs exactly one of epochs= or iters= (got epochs={epochs!r}, iters={iters!r})")
+                 samples=None, attrs=None, **hypers):
+        given = {name: value for name, value in (('epochs', epochs), ('iters', iters), ('samples', samples)) if value is not None}
+        if len(given) != 1:
+            raise ValueError(f"TrainingPhase needs exactly one of epochs=, iters= or samples= (got "
+                             f"{', '.join(f'{k}={v!r}' for k, v in given.items()) or 'none'})")
         if epochs is not None and not _positive_number(epochs):
             raise ValueError(f"epochs must be a positive number (fractions allowed), got {epochs!r}")
-        if iters is not None and (isinstance(iters, bool) or not isinstance(iters, numbers.Integral) or iters < 1):
-            raise ValueError(f"iters must be a positive integer, got {iters!r}")
+        for name, value in (('iters', iters), ('samples', samples)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if bs is not None: _check_bs(bs)
-        self.epochs, self.iters, self.dls, self.bs = epochs, iters, dls, bs
+        self.epochs, self.iters, self.samples, self.dls, self.bs = epochs, iters, samples, dls, bs
         self.opt_func, self.loss_func, self.loss_weights, self.hypers = opt_func, loss_func, loss_weights, hypers
+        self.attrs = _check_attrs_arg(attrs)
 
-    def n_iters(self, epoch_len: int) -> int:
-        "Iterations of this phase when an epoch of its data is `epoch_len` batches."
-        return self.iters if self.iters is not None else max(1, round(self.epochs * epoch_len))
+    def n_iters(self, epoch_len: int, bs: int | None = None) -> int:
+        "Iterations of this phase when an epoch of its data is `epoch_len` batches of `bs` (`bs` is needed for `samples=`)."
+        if self.iters is not None: return self.iters
+        if self.samples is not None:
+            if bs is None: raise ValueError(f"{self!r} counts samples: its batch size is needed (give the phase bs=, "
+                                            f"or preview it with learn.preview, which knows the learner's)")
+            return math.ceil(self.samples / bs)
+        return max(1, round(self.epochs * epoch_len))
 
-    def epoch_lengths(self, epoch_len: int) -> list:
+    def epoch_lengths(self, epoch_len: int, bs: int | None = None) -> list:
         "Batches of each pass of this phase: whole epochs, then what is left (a phase may end mid-epoch)."
-        n = self.n_iters(epoch_len)
+        n = self.n_iters(epoch_len, bs)
         return [epoch_len] * (n // epoch_len) + ([n % epoch_len] if n % epoch_len else [])
 
     def __repr__(self):
-        parts = [f"epochs={self.epochs!r}" if self.epochs is not None else f"iters={self.iters!r}"]
+        length = next((name, value) for name, value in (('epochs', self.epochs), ('iters', self.iters), ('samples', self.samples))
+                      if value is not None)
+        parts = [f"{length[0]}={length[1]!r}"]
         for name in ('bs', 'opt_func', 'loss_func', 'loss_weights'):
             value = getattr(self, name)
             if value is not None: parts.append(f"{name}={getattr(value, '__name__', value)!r}" if name == 'opt_func' else f"{name}={value!r}")
         if self.dls is not None: parts.append('dls=...')
         parts += [f"{k}={v!r}" for k, v in self.hypers.items()]
+        if self.attrs: parts.append(f"attrs={self.attrs!r}")
         return f"TrainingPhase({', '.join(parts)})"
 
 # %% ../nbs/08_phases.ipynb #c051e1dc
@@ -68,8 +104,26 @@ def resolve_groups(value, n_groups: int) -> np.ndarray:
     return array
 
 # %% ../nbs/08_phases.ipynb #fce85305
+def _loader_bs(dl) -> int | None:
+    "The batch size of a training loader (a `TensorLoader`, a torch `DataLoader` or a wrapper with `.loader`), or None."
+    for candidate in (dl, getattr(dl, 'loader', None)):
+        bs = getattr(candidate, 'bs', None) or getattr(candidate, 'batch_size', None)
+        if isinstance(bs, numbers.Integral) and not isinstance(bs, bool): return int(bs)
+    return None
+
+def _epoch_samples(dl) -> int | None:
+    "Samples in one whole pass of `dl` (without iterating it), or None when that cannot be told."
+    bs = _loader_bs(dl)
+    if bs is None: return None
+    if getattr(dl, 'drop_last', False): return len(dl) * bs
+    n = getattr(dl, 'n', None)
+    if n is None:
+        try: n = len(dl.dataset)
+        except (AttributeError, TypeError): return None
+    return int(n)
+
 class Phases:
-    "A list of `TrainingPhase`s, with previews of the hyperparameters they set."
+    "A list of `TrainingPhase`s, with previews of the hyperparameters and attributes they set."
     def __init__(self, phases):
         if isinstance(phases, Phases): phases = phases.phases
         if isinstance(phases, TrainingPhase): phases = [phases]
@@ -89,68 +143,192 @@ class Phases:
         "Every hyperparameter name some phase sets, in order of appearance."
         return list(dict.fromkeys(name for p in self.phases for name in p.hypers))
 
-    def lengths(self, n_iter_per_epoch) -> list:
-        "For each phase, the batches of each of its passes (see `TrainingPhase.epoch_lengths`)."
+    @property
+    def attr_paths(self) -> list:
+        "Every attribute path some phase sets (`attrs=`), in order of appearance."
+        return list(dict.fromkeys(path for p in self.phases for path in p.attrs))
+
+    def lengths(self, n_iter_per_epoch, bs: int | None = None) -> list:
+        "For each phase, the batches of each of its passes (see `TrainingPhase.epoch_lengths`); `bs`: the default batch size."
         out = []
         for p in self.phases:
-            if p.dls is not None: epoch_len = len((p.dls.new(bs=p.bs) if p.bs else p.dls).train)
+            phase_bs = p.bs
+            if p.dls is not None:
+                dl = (p.dls.new(bs=p.bs) if p.bs else p.dls).train
+                epoch_len, phase_bs = len(dl), phase_bs or _loader_bs(dl)
             elif callable(n_iter_per_epoch): epoch_len = n_iter_per_epoch(p.bs)
             else: epoch_len = n_iter_per_epoch
             if not isinstance(epoch_len, numbers.Integral) or epoch_len < 1:
                 raise ValueError(f"an epoch must have at least one batch; got {epoch_len!r} for {p!r}")
-            out.append(p.epoch_lengths(int(epoch_len)))
+            out.append(p.epoch_lengths(int(epoch_len), phase_bs or bs))
         return out
 
-    def preview(self, n_iter_per_epoch, n_groups: int = 1, initial: dict | None = None) -> dict:
-        "Exact per-iteration values: `{name: array (n_iter, n_groups)}`, computed without training."
-        return self._preview(self.lengths(n_iter_per_epoch), n_groups, initial)
+    def preview(self, n_iter_per_epoch, n_groups: int = 1, initial: dict | None = None, bs: int | None = None) -> dict:
+        "Exact per-iteration values: `{name: array (n_iter, n_groups)}` (attributes: `(n_iter, 1)`), computed without training."
+        lengths = self.lengths(n_iter_per_epoch, bs)
+        samples = [sum(passes) * (p.bs or bs) if (p.bs or bs) else None for p, passes in zip(self.phases, lengths)]
+        return self._preview(lengths, n_groups, initial, samples=samples)
 
-    def _preview(self, lengths, n_groups, initial=None) -> Preview:
+    def _preview(self, lengths, n_groups, initial=None, attr_initial=None, attr_targets=None, samples=None) -> Preview:
+        "`attr_targets`: per phase, `path -> key of the object it reaches` (None: unreachable); `attr_initial`: key -> value."
         names = list(dict.fromkeys(self.hyper_names + list(initial or {})))
         current = {name: resolve_groups(initial[name], n_groups) if initial and name in initial else np.full(n_groups, np.nan)
                    for name in names}
-        rows = {name: [] for name in names}
-        for phase, passes in zip(self.phases, lengths):
-            n = sum(passes)
+        paths, attr_values = self.attr_paths, dict(attr_initial or {})
+        rows = {name: [] for name in names + paths}
+        for index, (phase, passes) in enumerate(zip(self.phases, lengths)):
+            n, keys = sum(passes), attr_targets[index] if attr_targets is not None else {path: path for path in paths}
             for i in range(n):
                 for name, value in phase.hypers.items():
                     if callable(value) or i == 0:
                         current[name] = resolve_groups(value(i / n) if callable(value) else value, n_groups)
+                for path, value in phase.attrs.items():
+                    if callable(value) or i == 0:
+                        attr_values[keys[path]] = _real_value(value(i / n) if callable(value) else value,
+                                                              f"attrs[{path!r}] at iteration {i} of phase {index} ({phase!r})")
                 for name in names: rows[name].append(current[name])
-        return Preview({name: np.stack(rows[name]) for name in names}, lengths)
+                for path in paths: rows[path].append([attr_values.get(keys[path], np.nan)])
+        values = {name: np.stack(rows[name]) if rows[name] else np.zeros((0, 1)) for name in names + paths}
+        return Preview(values, lengths, samples)
 
     def plot(self, n_iter_per_epoch, n_groups: int = 1, initial: dict | None = None, names=None):
-        "Plot `preview`: one panel per hyperparameter, one line per layer group, phase boundaries dashed."
+        "Plot `preview`: one panel per hyperparameter or attribute, one line per layer group, phase boundaries dashed."
         return self.preview(n_iter_per_epoch, n_groups, initial).plot(names)
 
 # %% ../nbs/08_phases.ipynb #50153b9b
-def plot_hypers(values: dict, lengths=None, names=None):
-    "One panel per hyperparameter in `values` (`name -> (n_iter, n_groups)`), phase boundaries dashed."
+def plot_hypers(values: dict, lengths=None, names=None, axes=None, **kwargs):
+    "One panel per hyperparameter in `values` (`name -> (n_iter, n_groups)`), phase boundaries dashed; `axes` to draw on existing panels."
     import matplotlib.pyplot as plt
     names = [n for n in (names or values) if n in values]
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3), squeeze=False)
+    if axes is None:
+        fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3), squeeze=False)
+        axes = axes[0]
     bounds = np.cumsum([sum(p) for p in lengths])[:-1] if lengths else []
-    for ax, name in zip(axes[0], names):
-        array = values[name]
-        for g in range(array.shape[1]): ax.plot(array[:, g], label=f"group {g}" if array.shape[1] > 1 else None)
+    label = kwargs.pop('label', None)
+    for ax, name in zip(axes, names):
+        array = np.asarray(values[name], dtype=float).reshape(len(values[name]), -1)
+        for g in range(array.shape[1]):
+            group = label if array.shape[1] == 1 else f"{label} group {g}" if label else f"group {g}"
+            ax.plot(array[:, g], label=group, **kwargs)
         for b in bounds: ax.axvline(b, color='grey', linestyle='--', linewidth=0.8)
         ax.set_title(name); ax.set_xlabel('iteration')
-        if array.shape[1] > 1: ax.legend()
-    fig.tight_layout()
-    return axes[0]
+        if array.shape[1] > 1 or ax.get_legend_handles_labels()[1]: ax.legend()
+    axes[0].figure.tight_layout()
+    return axes
 
 class Preview(dict):
-    "A preview: `name -> array (n_iter, n_groups)`, plus the plan's `lengths` (batches per pass of each phase)."
-    def __init__(self, values: dict, lengths: list):
+    """A preview: `name -> array (n_iter, n_groups)` for hyperparameters and `path -> array (n_iter, 1)` for attributes,
+    plus the plan's `lengths` (batches per pass of each phase) and `samples` (training samples of each phase; None where
+    the batch size is unknown)."""
+    def __init__(self, values: dict, lengths: list, samples: list | None = None):
         super().__init__(values)
-        self.lengths = lengths
-    def plot(self, names=None):
-        "One panel per hyperparameter, one line per layer group, phase boundaries dashed."
-        return plot_hypers(self, self.lengths, names)
+        self.lengths, self.samples = lengths, samples if samples is not None else [None] * len(lengths)
+    def plot(self, names=None, axes=None, **kwargs):
+        "One panel per hyperparameter or attribute, one line per layer group, phase boundaries dashed."
+        return plot_hypers(self, self.lengths, names, axes, **kwargs)
+
+# %% ../nbs/08_phases.ipynb #fcec0bb2
+def _is_index(part: str) -> bool: return part.lstrip('-').isdigit()
+
+def _attr_names(obj) -> list:
+    "What a path can go on to from `obj`: submodules and numeric attributes of a module, public attributes otherwise."
+    if isinstance(obj, (list, tuple, nn.ModuleList, nn.Sequential)): return [str(i) for i in range(len(obj))]
+    if isinstance(obj, nn.Module):
+        return list(obj._modules) + [k for k, v in vars(obj).items() if not k.startswith('_') and k != 'training'
+                                     and isinstance(v, numbers.Real)]
+    return [k for k in getattr(obj, '__dict__', {}) if not k.startswith('_') and k != 'learn']
+
+def _attr_roots(learn, loss_func=None, cbs=()) -> dict:
+    "Where a path may start: the model (unwrapped), the loss (the phase's, else the learner's), the callbacks by name."
+    roots = {'model': unwrap_model(learn.model), 'loss_func': loss_func if loss_func is not None else learn.loss_func}
+    for cb in list(learn.cbs) + [cb for cb in cbs if isinstance(cb, Callback)]:
+        roots.setdefault(cb.name, cb); roots.setdefault(camel2snake(type(cb).__name__), cb)
+    return roots
+
+def attr_target(learn, path: str, loss_func=None, cbs=()) -> tuple:
+    """`(owner, key)` for `path`: its first part is `model`, `loss_func` (`loss_func` here, default the learner's) or a
+    callback's snake-case name (of `learn.cbs` or `cbs`), then attributes; an integer part indexes an `nn.Sequential`,
+    `nn.ModuleList` or list. ValueError naming what exists where the path breaks."""
+    parts = path.split('.')
+    roots = _attr_roots(learn, loss_func, cbs)
+    if parts[0] not in roots or roots[parts[0]] is None:
+        names = [cb.name for cb in learn.cbs] + [cb.name for cb in cbs if isinstance(cb, Callback)]
+        raise ValueError(f"attribute path {path!r}: the learner has nothing named {parts[0]!r}. A path starts at 'model', "
+                         f"'loss_func' or a callback's name; this learner's callbacks: {', '.join(names)}")
+    obj = roots[parts[0]]
+    for depth, part in enumerate(parts[1:], 1):
+        last = depth == len(parts) - 1
+        if _is_index(part) and isinstance(obj, (nn.Sequential, nn.ModuleList, list, tuple)):
+            index = int(part)
+            if not -len(obj) <= index < len(obj):
+                raise ValueError(f"attribute path {path!r}: {'.'.join(parts[:depth])} has {len(obj)} entries, no index {index}")
+            if last: return obj, index
+            obj = obj[index]
+        else:
+            if not hasattr(obj, part):
+                raise ValueError(f"attribute path {path!r}: {'.'.join(parts[:depth])} ({type(obj).__name__}) has no attribute "
+                                 f"{part!r}; it has: {', '.join(_attr_names(obj)[:30]) or 'nothing to walk into'}")
+            if last: return obj, part
+            obj = getattr(obj, part)
+    raise ValueError(f"attribute path {path!r} names {parts[0]!r} itself: name one of its attributes, "
+                     f"e.g. {path}.{(_attr_names(obj) or ['x'])[0]}")
+
+def _get_attr(owner, key): return owner[key] if isinstance(key, int) else getattr(owner, key)
+def _set_attr(owner, key, value):
+    if isinstance(key, int): owner[key] = value
+    else: setattr(owner, key, value)
+
+def _check_float_attr(owner, key, path: str):
+    "The current value at `path`, when it is a float (the only kind of attribute a phase can schedule); ValueError otherwise."
+    value = _get_attr(owner, key)
+    if isinstance(value, float) or (isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral))):
+        if isinstance(owner, tuple): raise ValueError(f"attribute path {path!r} is an entry of a tuple, which cannot be set")
+        return float(value)
+    kind = 'a bool' if isinstance(value, bool) else 'an int' if isinstance(value, numbers.Integral) else f"a {type(value).__name__}"
+    raise ValueError(f"attribute path {path!r} holds {kind} ({value!r}); phases schedule float attributes only (a Python "
+                     f"float, e.g. {float(value) if isinstance(value, numbers.Real) else 0.5}). Make it a float to schedule it")
+
+# %% ../nbs/08_phases.ipynb #0f9673da
+def _attr_plan(learn, phases, cbs=()) -> tuple:
+    """Per phase, `path -> (owner, key)` for every path of the plan (None where a phase that does not name the path cannot
+    reach a float there), and `{(id(owner), key): current value}`. A path a phase names must reach a float: ValueError."""
+    plan, initial = [], {}
+    for index, phase in enumerate(phases):
+        targets = {}
+        for path in phases.attr_paths:
+            try:
+                owner, key = attr_target(learn, path, phase.loss_func, cbs)
+                value = _check_float_attr(owner, key, path)
+            except ValueError as e:
+                if path in phase.attrs: raise ValueError(f"{e} (named by phase {index}: {phase!r})") from None
+                targets[path] = None; continue
+            targets[path] = (owner, key)
+            initial.setdefault((id(owner), key), value)
+        plan.append(targets)
+    return plan, initial
+
+def _phase_samples(learn, phases, lengths) -> list:
+    "Training samples of each phase (None where the loader cannot tell its size without being iterated)."
+    out = []
+    for phase, passes in zip(phases, lengths):
+        dls = phase.dls if phase.dls is not None else learn.dls
+        dl = (dls.new(bs=phase.bs) if phase.bs else dls).train
+        bs, full = _loader_bs(dl), _epoch_samples(dl)
+        out.append(None if bs is None or full is None else sum(full if n == len(dl) else n * bs for n in passes))
+    return out
+
+def _learner_preview(learn, phases, lengths, cbs=()) -> Preview:
+    "The preview of `phases` on `learn`: hyperparameters start from its optimizer, attributes from their current values."
+    initial = {name: learn.opt.get_hyper(name) for name in phases.hyper_names if name in learn.opt.hyper_names}
+    plan, attr_initial = _attr_plan(learn, phases, cbs)
+    keys = [{path: None if target is None else (id(target[0]), target[1]) for path, target in targets.items()} for targets in plan]
+    return phases._preview(lengths, learn.opt.n_groups, initial, attr_initial, keys, _phase_samples(learn, phases, lengths))
 
 # %% ../nbs/08_phases.ipynb #00fab05f
 class PhaseScheduler(Callback):
-    "Applies a list of phases: data, loss and optimizer at each phase start, scheduled hyperparameters every batch."
+    """Applies a list of phases: data, loss and optimizer at each phase start, scheduled hyperparameters and attributes
+    before every training batch. Validation uses the learner's own loss (with its attributes as they were before the
+    fit); after the fit the learner's data, loss and every scheduled attribute are back."""
     order = -50
     def __init__(self, phases, lengths: list):
         self.phases, self.lengths = Phases(phases), lengths
@@ -159,9 +337,40 @@ class PhaseScheduler(Callback):
             offset = 0
             for n in passes:
                 self.epoch_phase.append(index); self.epoch_offset.append(offset); offset += n
+        self.phase_starts = [sum(sum(p) for p in lengths[:i]) for i in range(len(lengths))]
+        self.saved, self.own_loss_saved, self.recorder, self.targets, self.attrs = {}, [], None, {}, []
+        self.held, self.phase_loss_func = [], None
 
     def before_fit(self):
-        self.own_dls, self.own_loss_func, self.phase_index = self.learn.dls, self.learn.loss_func, None
+        learn = self.learn
+        self.saved, self.own_loss_saved, self.targets, self.attrs = {}, [], {}, []
+        self.own_dls, self.own_loss_func, self.phase_index = learn.dls, learn.loss_func, None
+        self.attr_plan, _ = _attr_plan(learn, self.phases)
+        for phase, targets in zip(self.phases, self.attr_plan):  # what each scheduled attribute was: after_fit puts it back
+            for path in phase.attrs:
+                owner, key = targets[path]
+                if (id(owner), key) in self.saved: continue
+                self.saved[(id(owner), key)] = entry = [owner, key, _get_attr(owner, key)]
+                if path.split('.')[0] == 'loss_func' and phase.loss_func is None: self.own_loss_saved.append(entry)
+        self.entry_values = self._entry_values()
+        self.recorder = getattr(learn, 'recorder', None)
+        if self.recorder is not None:
+            for path in self.phases.attr_paths: self.recorder.track(path, partial(self._read_attr, path))
+
+    def _entry_values(self) -> list:
+        "Per phase, `[owner, key, value]` of every scheduled attribute as the plan leaves it when the phase starts."
+        state, out = {token: value for token, (_, _, value) in self.saved.items()}, []
+        for phase, targets, passes in zip(self.phases, self.attr_plan, self.lengths):
+            out.append([(self.saved[token][0], self.saved[token][1], value) for token, value in state.items()])
+            n = sum(passes)
+            for path, value in phase.attrs.items():
+                owner, key = targets[path]
+                state[(id(owner), key)] = float(value((n - 1) / n)) if callable(value) else float(value)
+        return out
+
+    def _read_attr(self, path: str) -> float:
+        target = self.targets.get(path)
+        return math.nan if target is None else _get_attr(*target)
 
     def before_epoch(self):
         index = self.epoch_phase[self.learn.epoch]
@@ -171,6 +380,7 @@ class PhaseScheduler(Callback):
     def _start_phase(self, index):
         learn, phase = self.learn, self.phases[index]
         self.phase_index, self.n = index, sum(self.lengths[index])
+        learn.phase_span = (index, self.phase_starts[index], self.n)
         dls = phase.dls if phase.dls is not None else self.own_dls
         learn.dls = dls.new(bs=phase.bs) if phase.bs else dls
         learn.loss_func = phase.loss_func if phase.loss_func is not None else self.own_loss_func
@@ -179,17 +389,46 @@ class PhaseScheduler(Callback):
         for name, value in phase.hypers.items():
             if not callable(value): learn.opt.set_hyper(name, value)
         self.loss_weights = phase.loss_weights
+        self.targets = self.attr_plan[index]
+        for owner, key, value in self.entry_values[index]: _set_attr(owner, key, value)  # a resumed fit starts here too
+        self.attrs = [(*self.targets[path], value if callable(value) else float(value)) for path, value in phase.attrs.items()]
+        if self.recorder is not None: self.recorder.phase_lengths = [sum(p) for p in self.lengths]
 
     def before_batch(self):
         if not self.learn.training: return
         pct = (self.offset + self.learn.iter) / self.n
         opt = self.learn.opt
         for name, schedule in self.schedules: opt.set_hyper(name, schedule(pct))
+        for owner, key, value in self.attrs: _set_attr(owner, key, float(value(pct)) if callable(value) else value)
         if self.loss_weights is not None:
             self.learn.loss_func.weights = [w(pct) if callable(w) else w for w in self.loss_weights]
 
+    def before_validate(self):  # validation reports the learner's own loss, as it was before the fit: like with like
+        learn = self.learn
+        self.phase_loss_func, learn.loss_func = learn.loss_func, self.own_loss_func
+        self.held = [(owner, key, _get_attr(owner, key)) for owner, key, _ in self.own_loss_saved]
+        for owner, key, value in self.own_loss_saved: _set_attr(owner, key, value)
+
+    def after_validate(self):
+        for owner, key, value in self.held: _set_attr(owner, key, value)
+        if self.phase_loss_func is not None: self.learn.loss_func = self.phase_loss_func
+        self.held, self.phase_loss_func = [], None
+
     def after_fit(self):
         self.learn.dls, self.learn.loss_func = self.own_dls, self.own_loss_func
+        for owner, key, value in self.saved.values(): _set_attr(owner, key, value)
+        if self.recorder is not None:
+            for path in self.phases.attr_paths: self.recorder.untrack(path)
+
+    def state_dict(self) -> dict:
+        "The values the scheduled attributes had before the fit (a resumed fit puts these back at its end)."
+        return {'attrs_before_fit': [value for _, _, value in self.saved.values()]} if self.saved else {}
+    def load_state_dict(self, state: dict):
+        values = state.get('attrs_before_fit', [])
+        if len(values) != len(self.saved):
+            raise ValueError(f"the checkpoint holds {len(values)} attribute value(s) from before the fit; this plan schedules "
+                             f"{len(self.saved)}: resume with the same phases")
+        for entry, value in zip(self.saved.values(), values): entry[2] = value
 
 # %% ../nbs/08_phases.ipynb #3fe5423b
 def _check_plan(learn, phases: Phases, lengths: list):
@@ -213,7 +452,7 @@ def _check_plan(learn, phases: Phases, lengths: list):
 
 def _phase_lengths(learn, phases: Phases) -> list:
     def n_iter_per_epoch(bs): return len((learn.dls.new(bs=bs) if bs else learn.dls).train)
-    return phases.lengths(n_iter_per_epoch)
+    return phases.lengths(n_iter_per_epoch, _loader_bs(learn.dls.train))
 
 @patch
 def fit_phases(self: Learner, phases, cbs=None, resume=None):
@@ -222,17 +461,17 @@ def fit_phases(self: Learner, phases, cbs=None, resume=None):
     self._check_ready()
     if self.opt is None: self.create_opt()
     lengths = _phase_lengths(self, phases)
+    _learner_preview(self, phases, lengths, list(cbs or []))  # every attribute path and value, checked before training
     _check_plan(self, phases, lengths)
     scheduler = PhaseScheduler(phases, lengths)
     self._run([n for passes in lengths for n in passes], [scheduler] + list(cbs or []), resume)
 
 @patch
-def preview(self: Learner, phases) -> dict:
-    "The exact per-iteration values `fit_phases(phases)` will use, from this learner's data and optimizer."
+def preview(self: Learner, phases, cbs=None) -> Preview:
+    "The exact per-iteration values (hyperparameters and attributes) `fit_phases(phases, cbs)` will use, from this learner's data, optimizer and attributes."
     phases = Phases(phases)
     if self.opt is None: self.create_opt()
-    initial = {name: self.opt.get_hyper(name) for name in phases.hyper_names if name in self.opt.hyper_names}
-    return phases._preview(_phase_lengths(self, phases), self.opt.n_groups, initial)
+    return _learner_preview(self, phases, _phase_lengths(self, phases), list(cbs or []))
 
 # %% ../nbs/08_phases.ipynb #0adfd816
 class OneCycle:
@@ -338,6 +577,6 @@ def fit_warmup_cosine(self: Learner, n_epoch, lr_max=None, warmup_pct=0.1, div_f
 # %% ../nbs/08_phases.ipynb #d9760cac
 @patch
 def plot_sched(self: Recorder, names=('lr', 'mom')):
-    "Plot the hyperparameters recorded batch by batch during the last fit (one panel each)."
-    values = {name: self.hyper(name) for name in names if name in self.learn.opt.hyper_names}
+    "Plot the hyperparameters (and tracked values such as scheduled attributes) recorded batch by batch during the last fit (one panel each)."
+    values = {name: self.hyper(name) for name in names if name in self.learn.opt.hyper_names or name in self.tracked}
     return plot_hypers(values)

@@ -79,6 +79,7 @@ class Recorder(Callback):
         self.values, self.last_valid, self.epoch_batches, self.batch_sizes = [], None, [], []
         self._snapshots, self.segments, self._opt, self._getter = [], [], None, None
         self._reset_components()
+        self._tracked, self.tracked, self.phase_lengths = {}, {}, None  # see `Recorder.track`
 
     @property
     def metric_names(self) -> list: return [m.name for m in self.learn.metrics]
@@ -94,6 +95,7 @@ class Recorder(Callback):
         self.values, self.epoch_batches, self.batch_sizes = [], [], []  # epoch_batches: training batches in each epoch
         self._snapshots, self.segments, self._opt = [], [], None  # segments: (first batch, keys read, optimizer layout)
         self._reset_components()
+        self.tracked, self.phase_lengths = {name: [] for name in self._tracked}, None
 
     def before_epoch(self):
         self.epoch_start, self.last_valid = time.perf_counter(), None
@@ -115,6 +117,7 @@ class Recorder(Callback):
             try: self._snapshots.append(tuple(map(self._getter, opt.param_groups)))
             except KeyError:  # a key vanished from a param group: start a new segment with the keys there are now
                 self._new_segment(opt); self._snapshots.append(tuple(map(self._getter, opt.param_groups)))
+            if self._tracked: self._record_tracked()
             loss_func = learn.loss_func
             if loss_func is not self._loss_func:  # hasattr once per loss object, not per batch
                 self._loss_func, self._has_components = loss_func, hasattr(loss_func, 'components')
@@ -179,7 +182,8 @@ class Recorder(Callback):
 # %% ../nbs/04_recorder.ipynb #9852862f
 @patch
 def hyper(self: Recorder, name: str) -> np.ndarray:
-    "Value of hyperparameter `name` at every training batch of the last fit: shape (n_train_batches, n_layer_groups)."
+    "Value of hyperparameter `name` (or of a tracked value, see `track`) at every training batch of the last fit: shape (n_train_batches, n_layer_groups)."
+    if name in self.tracked: return _tracked_array(self.tracked[name])
     ends = [start for start, _, _ in self.segments[1:]] + [len(self._snapshots)]
     blocks, errors = [], []
     for segment, end in zip(self.segments, ends):
@@ -194,6 +198,36 @@ def hyper(self: Recorder, name: str) -> np.ndarray:
     width = max(b.shape[1] for b in blocks)
     pad = lambda b: np.pad(b, [(0, 0), (0, width - b.shape[1])] + [(0, 0)] * (b.ndim - 2), constant_values=math.nan)
     return np.concatenate([pad(b) for b in blocks])
+
+# %% ../nbs/04_recorder.ipynb #3b39d855
+def _tracked_array(values: list) -> np.ndarray:
+    "Recorded values (numbers, or sequences of one number per group) as an array `(n_batches, n)`."
+    array = np.array(values, dtype=float)
+    return array.reshape(len(values), -1)
+
+@patch
+def track(self: Recorder, name: str, getter):
+    "Record `getter()` after every training batch under `name`, from the next batch on (`hyper(name)` reads it)."
+    if not callable(getter): raise TypeError(f"track needs a callable getter for {name!r}, got {getter!r}")
+    self._tracked[name] = getter
+    self.tracked.setdefault(name, [])
+
+@patch
+def untrack(self: Recorder, name: str):
+    "Stop recording `name`; what was recorded stays in `tracked`."
+    self._tracked.pop(name, None)
+
+@patch
+def _record_tracked(self: Recorder):
+    tracked = self.tracked
+    for name, getter in self._tracked.items(): tracked[name].append(getter())
+
+@patch(as_prop=True)
+def phase_samples(self: Recorder) -> list:
+    "Training samples of each phase of the last fit (`phase_lengths`: training batches per phase, set by the phase scheduler)."
+    lengths = self.phase_lengths or [len(self.batch_sizes)]
+    ends = np.cumsum([0] + list(lengths))
+    return [int(sum(self.batch_sizes[start:end])) for start, end in zip(ends[:-1], ends[1:])]
 
 # %% ../nbs/04_recorder.ipynb #380ada03
 @patch
@@ -246,7 +280,7 @@ def state_dict(self: Recorder) -> dict:
     return {'values': [list(row) for row in self.values], 'epoch_batches': list(self.epoch_batches),
             'batch_sizes': list(self.batch_sizes), 'snapshots': list(self._snapshots), 'segments': list(self.segments),
             'smooth': {'count': smooth.count, 'raw': smooth.raw, 'losses': list(smooth.losses), 'history': list(smooth.history)},
-            'components': list(self._component_rows)}
+            'components': list(self._component_rows), 'tracked': {k: list(v) for k, v in self.tracked.items()}}
 
 @patch
 def load_state_dict(self: Recorder, state: dict):
@@ -258,6 +292,7 @@ def load_state_dict(self: Recorder, state: dict):
     smooth.losses, smooth.history = list(state['smooth']['losses']), list(state['smooth']['history'])
     self._pending_components, self._component_rows = [], list(state['components'])
     self._opt = None  # the next batch starts a new segment for whatever optimizer runs then
+    self.tracked = {k: list(v) for k, v in state.get('tracked', {}).items()}
 
 # %% ../nbs/04_recorder.ipynb #f094b926
 @patch
@@ -334,6 +369,7 @@ def table_html(names: list, rows: list) -> str:
 class ProgressCallback(Callback):
     "A tqdm bar per pass with the smoothed loss (read every `refresh` seconds), and the epoch table as epochs end."
     order = 60
+    name = 'progress_bar'  # `learn.progress_bar`; `learn.progress` tells where training is (see the Learner chapter)
     def __init__(self, show_bar: bool = True, show_table: bool = True, refresh: float = 0.5, bar_interval: float = 0.1,
                  html: bool | None = None):
         self.show_bar, self.show_table, self.refresh, self.bar_interval, self.html = show_bar, show_table, refresh, bar_interval, html

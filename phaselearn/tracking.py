@@ -165,6 +165,13 @@ class ReduceLROnPlateau(TrackerCallback):
         super().before_fit()
         self.messages = []
         self._sync_scale()
+        self.learn.recorder.track('lr_scale', self._lr_scale)  # recorder.hyper('lr_scale'): the scale at every batch
+
+    def _lr_scale(self) -> list:
+        opt = self.learn.opt
+        return opt.hyper_scales.get('lr') or [1.] * opt.n_groups
+
+    def after_fit(self): self.learn.recorder.untrack('lr_scale')
 
     def after_epoch(self):
         super().after_epoch()
