@@ -160,10 +160,14 @@ def _do_batch(self: Learner, batch):
     if self._move_batches: batch = to_device(batch, self.device)
     if not isinstance(batch, (tuple, list)): batch = (batch,)
     self.xb, self.yb = tuple(batch[:self.n_inp]), tuple(batch[self.n_inp:])
+    self.pred = self.loss = self.loss_grad = None  # nothing of the previous batch survives into this one
+    self.batch_cancelled = False
     try:
         self('before_batch')
         self.one_batch()
-    except CancelBatchException: self('after_cancel_batch')
+    except CancelBatchException:
+        self.batch_cancelled = True  # callbacks that accumulate (recorder, metrics, loggers) skip this batch in after_batch
+        self('after_cancel_batch')
     self('after_batch')
 
 # %% ../nbs/07_learner.ipynb #a8ea99de
@@ -267,6 +271,7 @@ class GatherPreds(Callback):
     order = 70
     def __init__(self, with_loss: bool = False): self.with_loss, self.preds, self.targets, self.losses = with_loss, [], [], []
     def after_batch(self):
+        if self.learn.batch_cancelled: return  # a cancelled batch has no predictions
         self.preds.append(self.pred.detach())
         self.targets.append(self.yb[0] if len(self.yb) == 1 else self.yb)
         if self.with_loss:

@@ -109,7 +109,7 @@ class LRFinder(Callback):
 
     def after_batch(self):
         learn = self.learn
-        if not learn.training: return
+        if not learn.training or learn.batch_cancelled: return
         self.lrs.append(learn.opt.get_hyper('lr')[-1])
         if not self.stop_div: self._pending.append(learn.loss); return
         smoothed = self._add(float(learn.loss))  # a host sync: see the docs above

@@ -107,6 +107,7 @@ class Recorder(Callback):
 
     def after_batch(self):
         learn = self.learn
+        if learn.batch_cancelled: return  # a cancelled batch counts in no loss, metric, size or snapshot
         if learn.training:
             self.smooth_loss.accumulate(learn)
             self.batch_sizes.append(batch_size(learn.yb))
@@ -158,6 +159,7 @@ class Recorder(Callback):
         return math.fsum(loss * size for loss, size in zip(losses, sizes)) / sum(sizes)
 
     def after_epoch(self):
+        if len(self.epoch_batches) == len(self.values): self.after_train()  # an epoch cancelled before its after_train
         row = [self.learn.epoch, self._epoch_train_loss()]
         if self.learn.dls.valid is not None: row += self.last_valid or [math.nan] * (1 + len(self.learn.metrics))
         row.append(time.perf_counter() - self.epoch_start)

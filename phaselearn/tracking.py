@@ -97,8 +97,12 @@ class EarlyStoppingCallback(TrackerCallback):
 class SaveModelCallback(TrackerCallback):
     "Saves the model when `monitor` improves (or every epoch), and loads the best weights back after the fit (unless `at_end`)."
     def __init__(self, monitor: str = 'valid_loss', comp=None, min_delta: float = 0., fname: str = 'model',
-                 every_epoch: bool = False, at_end: bool = False, with_opt: bool = False, reset_on_fit: bool = True):
+                 every_epoch: bool | int = False, at_end: bool = False, with_opt: bool = False, reset_on_fit: bool = True):
         super().__init__(monitor, comp, min_delta, reset_on_fit)
+        if not isinstance(every_epoch, (bool, numbers.Integral)) or (not isinstance(every_epoch, bool) and every_epoch < 1):
+            raise ValueError(f"every_epoch must be True (every epoch), False (the best only) or a positive integer N "
+                             f"(every N epochs), got {every_epoch!r}")
+        every_epoch = int(every_epoch)  # True -> 1, False -> 0
         self.fname, self.every_epoch, self.at_end, self.with_opt = str(fname), every_epoch, at_end, with_opt
         self.best_file = None
 
@@ -109,7 +113,7 @@ class SaveModelCallback(TrackerCallback):
     def after_epoch(self):
         super().after_epoch()
         learn = self.learn
-        if self.every_epoch:
+        if self.every_epoch and learn.epoch % self.every_epoch == 0:
             name = f"{self.fname}_{learn.epoch}"
             learn.save(name, with_opt=self.with_opt)
             if self.new_best: self.best_file = name
@@ -202,7 +206,7 @@ class TerminateOnNaNCallback(Callback):
     def before_fit(self): self.message = None
     def after_batch(self):
         learn = self.learn
-        if not learn.training: return
+        if not learn.training or learn.batch_cancelled: return
         loss = float(learn.loss)  # the sync
         if math.isfinite(loss): return
         self.message = f"Terminated at epoch {learn.epoch}, batch {learn.iter}: the training loss is {loss}."
@@ -237,7 +241,7 @@ class TensorBoardCallback(Callback):
         self._names = names
 
     def after_batch(self):
-        if not self.learn.training: return
+        if not self.learn.training or self.learn.batch_cancelled: return
         self.step += 1
         if self.step % self.every_n: return
         writer, step = self.writer, self.step
