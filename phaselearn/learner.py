@@ -17,7 +17,7 @@ from .recorder import *
 from .optimizer import *
 
 # %% auto #0
-__all__ = ['FORMAT_VERSION', 'unwrap_model', 'LoadError', 'Learner', 'GatherPreds']
+__all__ = ['FORMAT_VERSION', 'unwrap_model', 'LoadError', 'Learner', 'GatherPreds', 'in_dataset_order']
 
 # %% ../nbs/07_learner.ipynb #a60a1c15
 _null_context = contextlib.nullcontext()
@@ -260,9 +260,10 @@ def validate(self: Learner, dl=None, cbs=None) -> list:
 
 @patch
 def get_preds(self: Learner, dl=None, with_loss: bool = False):
-    "Predictions and targets over `dl` (default: `dls.valid`); with `with_loss`, per-sample losses too."
+    "Predictions and targets over `dl` (default: `dls.valid`) in dataset order, every sample; with `with_loss`, per-sample losses too."
     gather = GatherPreds(with_loss)
-    self.validate(dl, cbs=[gather])
+    dl = self.dls.valid if dl is None else dl
+    self.validate(None if dl is None else in_dataset_order(dl), cbs=[gather])
     return gather.result()
 
 # %% ../nbs/07_learner.ipynb #2055bd35
@@ -285,6 +286,29 @@ class GatherPreds(Callback):
         preds = torch.cat(self.preds)
         targets = torch.cat(self.targets) if self.targets and isinstance(self.targets[0], torch.Tensor) else self.targets
         return (preds, targets, torch.cat(self.losses)) if self.with_loss else (preds, targets)
+
+# %% ../nbs/07_learner.ipynb #fd399dad
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
+
+def in_dataset_order(dl):
+    "A loader over `dl`'s samples in dataset order with none dropped (what `get_preds` iterates); an unknown order is an error."
+    if isinstance(dl, TensorLoader): return dl.new(shuffle=False, drop_last=False) if dl.shuffle or dl.drop_last else dl
+    if not isinstance(dl, DataLoader) or isinstance(dl.dataset, IterableDataset): return dl  # its own order is the order
+    batch_sampler = dl.batch_sampler
+    sampler = dl.sampler if dl.batch_size is not None else getattr(batch_sampler, 'sampler', None)
+    bs = dl.batch_size if dl.batch_size is not None else getattr(batch_sampler, 'batch_size', None)
+    drop_last = dl.drop_last if dl.batch_size is not None else getattr(batch_sampler, 'drop_last', False)
+    sequential = type(sampler) is SequentialSampler or (isinstance(sampler, EpochSampler) and not sampler.shuffle)
+    permutation = isinstance(sampler, EpochSampler) or (type(sampler) is RandomSampler and not sampler.replacement
+                                                         and sampler.num_samples == len(dl.dataset))
+    if bs is None or not (sequential or permutation) or (dl.batch_size is None and type(batch_sampler) is not torch.utils.data.BatchSampler):
+        raise ValueError(f"get_preds returns predictions in dataset order, but the order of this DataLoader's "
+                         f"{type(sampler if sampler is not None else batch_sampler).__name__} cannot be known: pass a loader "
+                         f"with shuffle=False (a SequentialSampler), a TensorLoader, or one from DataLoaders.from_datasets")
+    if sequential and not drop_last: return dl
+    return DataLoader(dl.dataset, batch_size=bs, shuffle=False, drop_last=False, num_workers=dl.num_workers,
+                      collate_fn=dl.collate_fn, pin_memory=dl.pin_memory, worker_init_fn=dl.worker_init_fn,
+                      timeout=dl.timeout, multiprocessing_context=dl.multiprocessing_context)
 
 # %% ../nbs/07_learner.ipynb #14f44cfa
 @patch
