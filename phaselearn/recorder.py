@@ -302,9 +302,11 @@ def quiet_env() -> bool:
     return os.environ.get('PHASELEARN_QUIET', '').strip().lower() not in ('', '0', 'false', 'no')
 
 def in_notebook() -> bool:
-    "True when `tqdm.auto` draws widgets, i.e. we run in a Jupyter kernel with ipywidgets."
-    from tqdm.auto import tqdm
-    return tqdm.__module__.startswith('tqdm.notebook')
+    "True inside a Jupyter kernel (Notebook, JupyterLab, VS Code, Colab: an IPython `ZMQInteractiveShell`), where HTML shows."
+    import sys
+    if 'IPython' not in sys.modules: return False  # nothing started IPython: a plain script (and IPython stays unimported)
+    shell = sys.modules['IPython'].get_ipython()
+    return shell is not None and any(c.__name__ == 'ZMQInteractiveShell' for c in type(shell).__mro__)
 
 def _format_value(value) -> str:
     if isinstance(value, float): return 'nan' if math.isnan(value) else f"{value:.6f}"
