@@ -54,8 +54,12 @@ class Callback:
         "Snake-case name without the `_callback` suffix: `learn.<name>` reaches the callback."
         return re.sub(r'_callback$', '', camel2snake(type(self).__name__))
 
-    def state_dict(self) -> dict: return {}
-    def load_state_dict(self, state: dict): pass
+    def state_dict(self) -> dict:
+        "This callback's state as plain values and tensors, for checkpoints (empty by default)."
+        return {}
+    def load_state_dict(self, state: dict):
+        "Put back a state taken by `state_dict` (nothing to do by default)."
+        pass
     def __repr__(self): return type(self).__name__
 
 # %% ../nbs/02_callback.ipynb #dc03c903
@@ -80,17 +84,22 @@ class TrainEvalCallback(Callback):
     "Counts training progress and sets train/eval mode."
     order = -100
     def before_fit(self):
+        "Start counting training iterations (`train_iter`, `pct_train`)."
         self.learn.train_iter, self.learn.pct_train = 0, 0.
     def before_train(self):
+        "Put the model in training mode."
         self.learn.training = True
         self.model.train()
     def after_batch(self):
+        "Count a training iteration and update `pct_train`."
         if not self.learn.training: return
         self.learn.train_iter += 1
         self.learn.pct_train = self.learn.train_iter / self.learn.total_iter
     def before_validate(self):
+        "Put the model in evaluation mode."
         self.learn.training = False
         self.model.eval()
     def after_fit(self):
+        "Leave the model in evaluation mode."
         self.learn.training = False
         self.model.eval()

@@ -82,6 +82,7 @@ def add_cb(self: Learner, cb):
 
 @patch
 def add_cbs(self: Learner, cbs):
+    "Attach every callback in `cbs` (classes are instantiated); returns the learner."
     for cb in cbs: self.add_cb(cb)
     return self
 
@@ -98,6 +99,7 @@ def remove_cb(self: Learner, cb):
 
 @patch
 def remove_cbs(self: Learner, cbs):
+    "Detach every callback in `cbs`; returns the learner."
     for cb in list(cbs): self.remove_cb(cb)
     return self
 
@@ -272,6 +274,7 @@ class GatherPreds(Callback):
     order = 70
     def __init__(self, with_loss: bool = False): self.with_loss, self.preds, self.targets, self.losses = with_loss, [], [], []
     def after_batch(self):
+        "Keep the batch's predictions, targets (and per-sample losses); a cancelled batch adds nothing."
         if self.learn.batch_cancelled: return  # a cancelled batch has no predictions
         self.preds.append(self.pred.detach())
         self.targets.append(self.yb[0] if len(self.yb) == 1 else self.yb)
@@ -283,6 +286,7 @@ class GatherPreds(Callback):
             try: self.losses.append(loss_func(self.pred, *self.yb).detach())
             finally: loss_func.reduction = reduction
     def result(self):
+        "`(preds, targets)`, or `(preds, targets, losses)` with `with_loss`, concatenated over the batches."
         preds = torch.cat(self.preds)
         targets = torch.cat(self.targets) if self.targets and isinstance(self.targets[0], torch.Tensor) else self.targets
         return (preds, targets, torch.cat(self.losses)) if self.with_loss else (preds, targets)
@@ -329,9 +333,13 @@ def freeze_to(self: Learner, n: int):
     self.opt.freeze_to(n)
     return self
 @patch
-def freeze(self: Learner): return self.freeze_to(-1)
+def freeze(self: Learner):
+    "Train only the last layer group (`freeze_to(-1)`); returns the learner."
+    return self.freeze_to(-1)
 @patch
-def unfreeze(self: Learner): return self.freeze_to(0)
+def unfreeze(self: Learner):
+    "Train every layer group (`freeze_to(0)`); returns the learner."
+    return self.freeze_to(0)
 
 # %% ../nbs/07_learner.ipynb #e6a8f982
 @patch

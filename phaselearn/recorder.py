@@ -81,7 +81,9 @@ class Recorder(Callback):
         self._reset_components()
 
     @property
-    def metric_names(self) -> list: return [m.name for m in self.learn.metrics]
+    def metric_names(self) -> list:
+        "The names of the learner's metrics."
+        return [m.name for m in self.learn.metrics]
 
     @property
     def names(self) -> list:
@@ -90,12 +92,14 @@ class Recorder(Callback):
         return ['epoch', 'train_loss'] + valid + ['time']
 
     def before_fit(self):
+        "Start a new history: losses, batch sizes, hyperparameters, epoch table."
         self.smooth_loss.reset()
         self.values, self.epoch_batches, self.batch_sizes = [], [], []  # epoch_batches: training batches in each epoch
         self._snapshots, self.segments, self._opt = [], [], None  # segments: (first batch, keys read, optimizer layout)
         self._reset_components()
 
     def before_epoch(self):
+        "Start the epoch's clock."
         self.epoch_start, self.last_valid = time.perf_counter(), None
 
     def _new_segment(self, opt):
@@ -106,6 +110,7 @@ class Recorder(Callback):
         self.segments.append((len(self._snapshots), keys, layout))
 
     def after_batch(self):
+        "Keep the batch's loss (on the device) and hyperparameters in training, accumulate loss and metrics in validation; a cancelled batch adds nothing."
         learn = self.learn
         if learn.batch_cancelled: return  # a cancelled batch counts in no loss, metric, size or snapshot
         if learn.training:
@@ -131,15 +136,18 @@ class Recorder(Callback):
             except Exception as e: raise _metric_error(metric, 'accumulate', e) from e
 
     def after_train(self):
+        "Close the epoch's count of training batches and move its losses to the host (one transfer)."
         self.epoch_batches.append(len(self.batch_sizes) - sum(self.epoch_batches))
         self.smooth_loss.flush()  # one transfer per epoch: the batch losses become host floats
         self._flush_components()
 
     def before_validate(self):
+        "Reset the validation loss and the metrics."
         self.valid_loss.reset()
         for metric in self.learn.metrics: metric.reset()
 
     def after_validate(self):
+        "Read the validation loss and metrics (one transfer per device) into `last_valid`."
         metrics = self.learn.metrics
         values = [self.valid_loss.value]
         for metric in metrics:
@@ -159,6 +167,7 @@ class Recorder(Callback):
         return math.fsum(loss * size for loss, size in zip(losses, sizes)) / sum(sizes)
 
     def after_epoch(self):
+        "Append the epoch's row to the table: epoch, train_loss (batch-size-weighted mean), valid_loss, metrics, time."
         if len(self.epoch_batches) == len(self.values): self.after_train()  # an epoch cancelled before its after_train
         row = [self.learn.epoch, self._epoch_train_loss()]
         if self.learn.dls.valid is not None: row += self.last_valid or [math.nan] * (1 + len(self.learn.metrics))
@@ -344,6 +353,7 @@ class ProgressCallback(Callback):
         self.bar, self.postfix, self.rows, self.handle = None, '', [], None
 
     def before_fit(self):
+        "Start a new epoch table."
         self.rows, self.handle = [], None
         self._recorder = getattr(self.learn, 'recorder', None)
 
@@ -355,10 +365,15 @@ class ProgressCallback(Callback):
         now = _clock()
         self._next_update, self._next_postfix = now + self.bar_interval, now + self.refresh
 
-    def before_train(self): self._open_bar(f"epoch {self.learn.epoch}")
-    def before_validate(self): self._open_bar("valid")
+    def before_train(self):
+        "Open the training bar of this epoch."
+        self._open_bar(f"epoch {self.learn.epoch}")
+    def before_validate(self):
+        "Open the validation bar."
+        self._open_bar("valid")
 
     def after_batch(self):
+        "Move the bar, at most every `bar_interval` seconds (no sync)."
         if self.bar is not None and _clock() >= self._next_update: self._update()
 
     def _update(self):
@@ -376,11 +391,18 @@ class ProgressCallback(Callback):
     def _close_bar(self):
         if self.bar is not None: self.bar.close()
         self.bar = None
-    def after_train(self): self._close_bar()
-    def after_validate(self): self._close_bar()
-    def after_fit(self): self._close_bar()
+    def after_train(self):
+        "Close the training bar."
+        self._close_bar()
+    def after_validate(self):
+        "Close the validation bar."
+        self._close_bar()
+    def after_fit(self):
+        "Close any bar still open."
+        self._close_bar()
 
     def after_epoch(self):
+        "Show the epoch's row: the HTML table updated in place in a notebook, a line of text elsewhere."
         recorder = getattr(self, '_recorder', None)
         if not self.show_table or quiet_env() or recorder is None or not recorder.values: return
         self.rows.append(recorder.values[-1])
@@ -414,9 +436,12 @@ class CSVLogger(Callback):
         self.fname, self.append, self.file = Path(fname), append, None
 
     @property
-    def path(self) -> Path: return self.learn.path / self.fname
+    def path(self) -> Path:
+        "The CSV file: `learn.path / fname`."
+        return self.learn.path / self.fname
 
     def before_fit(self):
+        "Open the file (rank 0 only under torch.distributed), writing the header unless appending to rows already there."
         self.file = None
         if not is_main_process(): return  # under torch.distributed, rank 0 writes
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -427,11 +452,13 @@ class CSVLogger(Callback):
         self.file.flush()
 
     def after_epoch(self):
+        "Write the epoch's row of the table and flush it."
         if self.file is None: return
         self.writer.writerow(self.learn.recorder.values[-1])
         self.file.flush()
 
     def after_fit(self):
+        "Close the file."
         if self.file is not None: self.file.close()
         self.file = None
 
@@ -446,9 +473,12 @@ class ShowGraphCallback(Callback):
     order, run_in_lr_find = 65, False
     def __init__(self, fname: str | None = None): self.fname, self.handle = fname, None
 
-    def before_fit(self): self.handle = None
+    def before_fit(self):
+        "Start a new figure."
+        self.handle = None
 
     def after_epoch(self):
+        "Redraw the training and validation losses: in place in a notebook, else into `fname`."
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(6, 4))
         self.learn.recorder.plot_loss(ax=ax)
