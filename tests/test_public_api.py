@@ -40,6 +40,7 @@ def test_star_import_gives_the_tracking_callbacks():
     for name in ('EarlyStoppingCallback', 'SaveModelCallback', 'ReduceLROnPlateau', 'TerminateOnNaNCallback',
                  'TrackerCallback', 'TensorBoardCallback', 'Learner', 'CheckpointCallback', 'schedule_widget'):
         assert name in namespace, name
+    assert 'main' not in namespace  # a script's own `main` is not shadowed by the digits command
 
 
 def _public_names():
