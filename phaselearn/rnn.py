@@ -191,7 +191,7 @@ class LossTerm(Callback):
 
     def before_fit(self):
         "Start new records of the term's values and weights."
-        self._values, self._pending, self.weights = [], [], []
+        self._values, self._pending, self.weights, self._batch = [], [], [], None
 
     def after_loss(self):
         "Add `weight * term(learn)` to the loss to back-propagate (training only); the reported loss is unchanged."
@@ -203,8 +203,14 @@ class LossTerm(Callback):
                              f"{('a tensor of shape ' + str(tuple(term.shape))) if isinstance(term, torch.Tensor) else repr(term)}")
         weight = self.current_weight()
         if weight != 0: learn.loss_grad = learn.loss_grad + weight * term
-        self._pending.append(term.detach())
-        self.weights.append(weight)
+        self._batch = (term.detach(), weight)  # recorded in after_batch, unless the batch is cancelled
+
+    def after_batch(self):
+        "Record the batch's term and weight (a cancelled batch records nothing)."
+        batch, self._batch = getattr(self, '_batch', None), None
+        if batch is None or not self.learn.training or self.learn.batch_cancelled: return
+        self._pending.append(batch[0])
+        self.weights.append(batch[1])
 
     def _flush(self):
         if self._pending:

@@ -178,6 +178,8 @@ def run_case(tmp_path, name, exc, event, where):
     assert len(learn.recorder.batch_losses) == len(batch_losses)
     assert all(close(g, w) for g, w in zip(learn.recorder.batch_losses, batch_losses))
     assert all(close(g, w) for g, w in zip(learn.recorder.losses, smooth))
+    for term in [cb for cb in learn.cbs if isinstance(cb, LossTerm)]:  # RNNRegularizer: one term per counted batch
+        assert len(term.values) == len(term.weights) == len(batch_losses), (term, len(term.values), len(batch_losses))
     return learn
 
 
