@@ -264,6 +264,7 @@ def test_plain_script_use(tmp_path):
     script = textwrap.dedent(f"""
         import matplotlib; matplotlib.use('Agg')
         import numpy as np
+        from phaselearn.all import *
         explorer = schedule_widget(OneCycle, lr_max=1e-2)
         explorer.controls['pct_start'].value = 0.5
         assert explorer.display() is explorer.figure
