@@ -16,3 +16,6 @@ from .widgets import *
 from .training_extras import *
 from .loss import *
 from .distributed import *
+from .tracking import *
+from .demo import *
+from .docs import *

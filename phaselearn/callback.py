@@ -54,8 +54,12 @@ class Callback:
         "Snake-case name without the `_callback` suffix: `learn.<name>` reaches the callback."
         return re.sub(r'_callback$', '', camel2snake(type(self).__name__))
 
-    def state_dict(self) -> dict: return {}
-    def load_state_dict(self, state: dict): pass
+    def state_dict(self) -> dict:
+        "This callback's state as plain values and tensors, for checkpoints (empty by default)."
+        return {}
+    def load_state_dict(self, state: dict):
+        "Put back a state taken by `state_dict` (nothing to do by default)."
+        pass
     def __repr__(self): return type(self).__name__
 
 # %% ../nbs/02_callback.ipynb #dc03c903
@@ -80,21 +84,26 @@ class TrainEvalCallback(Callback):
     "Counts training progress and sets train/eval mode."
     order = -100
     def before_fit(self):
+        "Start counting training iterations (`train_iter`, `pct_train`)."
         self.learn.train_iter, self.learn.pct_train = 0, 0.
         self.learn.train_samples, self.learn.phase_span = 0, (0, 0, None)  # phase index, its first train_iter, its length
     def before_train(self):
+        "Put the model in training mode."
         self.learn.training = True
         self.model.train()
     def after_batch(self):
+        "Count a training iteration and update `pct_train`."
         if not self.learn.training: return
         self.learn.train_iter += 1
         self.learn.pct_train = self.learn.train_iter / self.learn.total_iter
         batch = self.learn.yb or self.learn.xb
         self.learn.train_samples += batch[0].shape[0] if batch and getattr(batch[0], 'ndim', 0) else 1
     def before_validate(self):
+        "Put the model in evaluation mode."
         self.learn.training = False
         self.model.eval()
     def after_fit(self):
+        "Leave the model in evaluation mode."
         self.learn.training = False
         self.model.eval()
     def state_dict(self) -> dict: return {'train_samples': getattr(self.learn, 'train_samples', 0)}

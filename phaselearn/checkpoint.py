@@ -54,21 +54,28 @@ class CheckpointCallback(Callback):
         self.fname, self.every_iters, self.every_epochs, self.keep = fname, every_iters, every_epochs, keep
 
     @property
-    def file(self) -> Path: return self.learn._file(self.fname)
+    def file(self) -> Path:
+        "Where the newest checkpoint goes: `learn.path/model_dir/fname.pt` (or `fname` as a path)."
+        return self.learn._file(self.fname)
 
-    def before_train(self): self.epoch_of_loader = loader_epoch(self.learn.dl)
+    def before_train(self):
+        "Note the training loader's epoch, so a checkpoint can replay its order."
+        self.epoch_of_loader = loader_epoch(self.learn.dl)
 
     def after_batch(self):
+        "Every `every_iters` training batches, write a checkpoint that resumes after this batch."
         learn = self.learn
         if learn.training and self.every_iters and learn.train_iter % self.every_iters == 0:
             self.save(learn.epoch, learn.iter + 1, self.epoch_of_loader)
 
     def after_epoch(self):
+        "Every `every_epochs` epochs (but the last), write a checkpoint that resumes at the next epoch."
         learn = self.learn
         if self.every_epochs and (learn.epoch + 1) % self.every_epochs == 0 and learn.epoch + 1 < learn.n_epoch:
             self.save(learn.epoch + 1, 0, loader_epoch(learn.dls.train))
 
     def after_fit(self):  # the finished fit: a checkpoint at its very end, so resuming it trains nothing more
+        "After a finished fit, write a checkpoint at its very end, so resuming it trains nothing more."
         learn = self.learn
         if self.every_epochs and getattr(learn, 'epoch', 0) == learn.n_epoch - 1 and learn.train_iter == learn.total_iter:
             self.save(learn.n_epoch, 0, loader_epoch(learn.dls.train))
@@ -121,6 +128,7 @@ class ResumeCallback(Callback):
         self.pending_rng = True
 
     def before_epoch(self):
+        "At the resumed epoch, put back the model, optimizer, callbacks' and loader's state."
         learn, state = self.learn, self.state
         if learn.epoch != self.start_epoch: return
         unwrap_model(learn.model).load_state_dict(state['model'])
@@ -134,8 +142,10 @@ class ResumeCallback(Callback):
             set_loader_epoch(learn.dls.train, state['loader_epoch'], self.start_iter)
 
     def before_train(self):
+        "Put back the random generators when the resumed epoch starts at its first batch."
         if self.pending_rng and self.start_iter == 0 and self.learn.epoch == self.start_epoch: self._restore_rng()
     def before_batch(self):
+        "Put back the random generators before the first resumed batch."
         if self.pending_rng and self.learn.training: self._restore_rng()
     def _restore_rng(self):
         load_rng_state_dict(self.state['rng']); self.pending_rng = False

@@ -15,7 +15,7 @@ from .learner import *
 from .phases import *
 
 # %% auto #0
-__all__ = ['digits_model', 'train_digits', 'main']
+__all__ = ['digits_model', 'train_digits', 'digits_cli']
 
 # %% ../nbs/11_demo.ipynb #8ed69e87
 def digits_model(hidden: int = 256, dropout: float = 0.2) -> nn.Module:
@@ -43,7 +43,7 @@ def train_digits(epochs: int = 8, lr: float = 1e-2, bs: int = 64, seed: int = 0,
 
 # %% ../nbs/11_demo.ipynb #e3037a3d
 @call_parse
-def main(epochs: int = 8,  # number of epochs
+def digits_cli(epochs: int = 8,  # number of epochs
          lr: float = 1e-2,  # peak learning rate of the one-cycle policy
          bs: int = 64,  # batch size
          seed: int = 0,  # random seed
@@ -51,3 +51,6 @@ def main(epochs: int = 8,  # number of epochs
          quiet: bool = False):  # no progress bar or table
     "Train a small network on scikit-learn's 8x8 digits and save a loss plot."
     train_digits(epochs, lr, bs, seed, plot, quiet)
+
+# %% ../nbs/11_demo.ipynb #9df994c6
+main = digits_cli  # the name older installs' `phaselearn_digits` script calls; kept out of `phaselearn.all` (a user's own `main` must not be shadowed)

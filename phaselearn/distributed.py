@@ -151,7 +151,9 @@ class DistributedLoader:
         return self.loader.device if self.kind == 'tensor' else None
 
     @property
-    def dataset(self): return self.loader.dataset
+    def dataset(self):
+        "The wrapped loader's dataset."
+        return self.loader.dataset
 
     def new(self, bs: int | None = None):
         "The same sharding of the wrapped loader with another global batch size."
@@ -229,12 +231,16 @@ class DistributedCallback(Callback):
         self.sync_bn, self.find_unused_parameters, self.shard_valid, self.reduce_loss = sync_bn, find_unused_parameters, shard_valid, reduce_loss
         self.ddp_kwargs, self.active, self.ddp, self.module = ddp_kwargs, False, None, None
 
-    def on_add(self): self.learn.save = _save_on_main_process(self.learn)
+    def on_add(self):
+        "Make `learn.save` write on rank 0 only."
+        self.learn.save = _save_on_main_process(self.learn)
     def on_remove(self):
+        "Give `learn.save` back and let torchmetrics sync again."
         self.learn.__dict__.pop('save', None)
         self._set_torchmetrics_sync(True)
 
     def before_fit(self):
+        "Under torch.distributed: wrap the model in DDP, shard the data, silence the progress output of other ranks."
         learn = self.learn
         self.active, self.sharded, self.silenced, self.replaced, self.ddp, self.module = False, {}, [], [], None, None
         rank, self.world_size = rank_and_world_size()
@@ -274,9 +280,11 @@ class DistributedCallback(Callback):
         learn.dls = self.sharded[id(dls)][1]
 
     def before_epoch(self):
+        "Shard this epoch's training data between the ranks."
         if self.active: self._shard_data()
 
     def after_loss(self):
+        "With `reduce_loss`, the reported training loss becomes the mean over ranks (an all_reduce)."
         if self.active and self.reduce_loss and self.learn.training:
             loss = self.learn.loss.clone()
             dist.all_reduce(loss)
@@ -288,6 +296,7 @@ class DistributedCallback(Callback):
             if isinstance(m, TorchMetric): m.metric._to_sync = sync and m.metric.sync_on_compute
 
     def before_validate(self):
+        "Note whether this validation pass is sharded (its metrics are then reduced over ranks)."
         learn = self.learn
         self.reducing = self.active and isinstance(learn.dl, DistributedLoader)
         # torchmetrics gathers every rank's state in compute(): right for a sharded pass, double counting for a whole one
@@ -295,6 +304,7 @@ class DistributedCallback(Callback):
         if self.active and learn.model is self.ddp: learn.model = self.module   # validation needs no gradient sync
 
     def after_validate(self):
+        "Reduce a sharded pass's loss and metrics over the ranks, so every rank reports the same values."
         learn = self.learn
         if getattr(self, 'reducing', False):
             recorder = getattr(learn, 'recorder', None)
@@ -304,6 +314,7 @@ class DistributedCallback(Callback):
         if self.active and learn.model is self.module: learn.model = self.ddp
 
     def after_fit(self):
+        "Put back the plain model, the original batch norms, the learner's own data and the progress display."
         if not self.active: return
         learn = self.learn
         if self.module is not None: learn.model = self.module

@@ -17,7 +17,7 @@ from .recorder import *
 from .optimizer import *
 
 # %% auto #0
-__all__ = ['FORMAT_VERSION', 'unwrap_model', 'LoadError', 'Learner', 'GatherPreds', 'TrainingProgress']
+__all__ = ['FORMAT_VERSION', 'unwrap_model', 'LoadError', 'Learner', 'GatherPreds', 'in_dataset_order', 'TrainingProgress']
 
 # %% ../nbs/07_learner.ipynb #a60a1c15
 _null_context = contextlib.nullcontext()
@@ -82,6 +82,7 @@ def add_cb(self: Learner, cb):
 
 @patch
 def add_cbs(self: Learner, cbs):
+    "Attach every callback in `cbs` (classes are instantiated); returns the learner."
     for cb in cbs: self.add_cb(cb)
     return self
 
@@ -98,6 +99,7 @@ def remove_cb(self: Learner, cb):
 
 @patch
 def remove_cbs(self: Learner, cbs):
+    "Detach every callback in `cbs`; returns the learner."
     for cb in list(cbs): self.remove_cb(cb)
     return self
 
@@ -160,10 +162,14 @@ def _do_batch(self: Learner, batch):
     if self._move_batches: batch = to_device(batch, self.device)
     if not isinstance(batch, (tuple, list)): batch = (batch,)
     self.xb, self.yb = tuple(batch[:self.n_inp]), tuple(batch[self.n_inp:])
+    self.pred = self.loss = self.loss_grad = None  # nothing of the previous batch survives into this one
+    self.batch_cancelled = False
     try:
         self('before_batch')
         self.one_batch()
-    except CancelBatchException: self('after_cancel_batch')
+    except CancelBatchException:
+        self.batch_cancelled = True  # callbacks that accumulate (recorder, metrics, loggers) skip this batch in after_batch
+        self('after_cancel_batch')
     self('after_batch')
 
 # %% ../nbs/07_learner.ipynb #a8ea99de
@@ -256,9 +262,10 @@ def validate(self: Learner, dl=None, cbs=None) -> list:
 
 @patch
 def get_preds(self: Learner, dl=None, with_loss: bool = False):
-    "Predictions and targets over `dl` (default: `dls.valid`); with `with_loss`, per-sample losses too."
+    "Predictions and targets over `dl` (default: `dls.valid`) in dataset order, every sample; with `with_loss`, per-sample losses too."
     gather = GatherPreds(with_loss)
-    self.validate(dl, cbs=[gather])
+    dl = self.dls.valid if dl is None else dl
+    self.validate(None if dl is None else in_dataset_order(dl), cbs=[gather])
     return gather.result()
 
 # %% ../nbs/07_learner.ipynb #2055bd35
@@ -267,6 +274,8 @@ class GatherPreds(Callback):
     order = 70
     def __init__(self, with_loss: bool = False): self.with_loss, self.preds, self.targets, self.losses = with_loss, [], [], []
     def after_batch(self):
+        "Keep the batch's predictions, targets (and per-sample losses); a cancelled batch adds nothing."
+        if self.learn.batch_cancelled: return  # a cancelled batch has no predictions
         self.preds.append(self.pred.detach())
         self.targets.append(self.yb[0] if len(self.yb) == 1 else self.yb)
         if self.with_loss:
@@ -277,9 +286,33 @@ class GatherPreds(Callback):
             try: self.losses.append(loss_func(self.pred, *self.yb).detach())
             finally: loss_func.reduction = reduction
     def result(self):
+        "`(preds, targets)`, or `(preds, targets, losses)` with `with_loss`, concatenated over the batches."
         preds = torch.cat(self.preds)
         targets = torch.cat(self.targets) if self.targets and isinstance(self.targets[0], torch.Tensor) else self.targets
         return (preds, targets, torch.cat(self.losses)) if self.with_loss else (preds, targets)
+
+# %% ../nbs/07_learner.ipynb #fd399dad
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
+
+def in_dataset_order(dl):
+    "A loader over `dl`'s samples in dataset order with none dropped (what `get_preds` iterates); an unknown order is an error."
+    if isinstance(dl, TensorLoader): return dl.new(shuffle=False, drop_last=False) if dl.shuffle or dl.drop_last else dl
+    if not isinstance(dl, DataLoader) or isinstance(dl.dataset, IterableDataset): return dl  # its own order is the order
+    batch_sampler = dl.batch_sampler
+    sampler = dl.sampler if dl.batch_size is not None else getattr(batch_sampler, 'sampler', None)
+    bs = dl.batch_size if dl.batch_size is not None else getattr(batch_sampler, 'batch_size', None)
+    drop_last = dl.drop_last if dl.batch_size is not None else getattr(batch_sampler, 'drop_last', False)
+    sequential = type(sampler) is SequentialSampler or (isinstance(sampler, EpochSampler) and not sampler.shuffle)
+    permutation = isinstance(sampler, EpochSampler) or (type(sampler) is RandomSampler and not sampler.replacement
+                                                         and sampler.num_samples == len(dl.dataset))
+    if bs is None or not (sequential or permutation) or (dl.batch_size is None and type(batch_sampler) is not torch.utils.data.BatchSampler):
+        raise ValueError(f"get_preds returns predictions in dataset order, but the order of this DataLoader's "
+                         f"{type(sampler if sampler is not None else batch_sampler).__name__} cannot be known: pass a loader "
+                         f"with shuffle=False (a SequentialSampler), a TensorLoader, or one from DataLoaders.from_datasets")
+    if sequential and not drop_last: return dl
+    return DataLoader(dl.dataset, batch_size=bs, shuffle=False, drop_last=False, num_workers=dl.num_workers,
+                      collate_fn=dl.collate_fn, pin_memory=dl.pin_memory, worker_init_fn=dl.worker_init_fn,
+                      timeout=dl.timeout, multiprocessing_context=dl.multiprocessing_context)
 
 # %% ../nbs/07_learner.ipynb #14f44cfa
 @patch
@@ -300,9 +333,13 @@ def freeze_to(self: Learner, n: int):
     self.opt.freeze_to(n)
     return self
 @patch
-def freeze(self: Learner): return self.freeze_to(-1)
+def freeze(self: Learner):
+    "Train only the last layer group (`freeze_to(-1)`); returns the learner."
+    return self.freeze_to(-1)
 @patch
-def unfreeze(self: Learner): return self.freeze_to(0)
+def unfreeze(self: Learner):
+    "Train every layer group (`freeze_to(0)`); returns the learner."
+    return self.freeze_to(0)
 
 # %% ../nbs/07_learner.ipynb #8424ec28
 class TrainingProgress:

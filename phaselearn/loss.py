@@ -129,6 +129,7 @@ class ScheduledLoss:
         "The progress (plain Python values), for checkpoints."
         return {'pct': self._pct}
     def load_state_dict(self, state: dict):
+        "Put back the training progress `pct` from a checkpoint."
         if not isinstance(state, dict) or 'pct' not in state:
             raise ValueError(f"ScheduledLoss.load_state_dict expects {{'pct': float}}, got {state!r}")
         self.pct = state['pct']
@@ -204,6 +205,7 @@ class SwitchLoss:
         if isinstance(loss_fn, (ScheduledLoss, SwitchLoss)): state['loss'] = loss_fn.state_dict()
         return state
     def load_state_dict(self, state: dict):
+        "Put back which loss is current from a checkpoint."
         current = state.get('current') if isinstance(state, dict) else None
         if isinstance(current, bool) or not isinstance(current, int) or not 0 <= current < len(self.losses):
             raise ValueError(f"SwitchLoss.load_state_dict expects {{'current': index in [0, {len(self.losses)})}}, got {state!r}")

@@ -95,8 +95,12 @@ class LRFinder(Callback):
         self.lrs, self.losses, self._pending = [], [], []
         self._avg, self._count, self.best, self.diverged = 0., 0, math.inf, False
 
-    def before_fit(self): self._reset()
-    def before_validate(self): raise CancelValidException()
+    def before_fit(self):
+        "Start a new record of learning rates and losses."
+        self._reset()
+    def before_validate(self):
+        "Skip validation: the finder only trains."
+        raise CancelValidException()
 
     def _add(self, loss: float) -> float:
         "Fold one batch loss into the moving average; record and return the smoothed loss."
@@ -108,8 +112,9 @@ class LRFinder(Callback):
         return smoothed
 
     def after_batch(self):
+        "Record the batch's lr and loss; with `stop_div`, stop once the smoothed loss diverges."
         learn = self.learn
-        if not learn.training: return
+        if not learn.training or learn.batch_cancelled: return
         self.lrs.append(learn.opt.get_hyper('lr')[-1])
         if not self.stop_div: self._pending.append(learn.loss); return
         smoothed = self._add(float(learn.loss))  # a host sync: see the docs above
@@ -118,6 +123,7 @@ class LRFinder(Callback):
             raise CancelFitException()
 
     def after_fit(self):
+        "Move the losses kept on the device to the host in one transfer."
         if self._pending:  # stop_div=False: every loss in one transfer
             for loss in torch.stack([l.detach().float() for l in self._pending]).tolist(): self._add(loss)
             self._pending = []

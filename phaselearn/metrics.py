@@ -16,12 +16,20 @@ __all__ = ['Metric', 'batch_size', 'weighted_mean', 'AvgMetric', 'accuracy', 'er
 # %% ../nbs/03_metrics.ipynb #bf0c05f2
 class Metric:
     "Base class: `reset()`, `accumulate(learn)` per batch, `value` (a number or one-element tensor) and `name`."
-    def reset(self): pass
-    def accumulate(self, learn): pass
+    def reset(self):
+        "Start a new epoch: forget what was accumulated."
+        pass
+    def accumulate(self, learn):
+        "Add one batch, read from `learn` (`pred`, `yb`, `loss`)."
+        pass
     @property
-    def value(self): raise NotImplementedError(f"{type(self).__name__} must define the property `value`")
+    def value(self):
+        "The value over everything accumulated since `reset` (a number or a one-element tensor; None if nothing yet)."
+        raise NotImplementedError(f"{type(self).__name__} must define the property `value`")
     @property
-    def name(self) -> str: return type(self).__name__.lower()
+    def name(self) -> str:
+        "The column name in the epoch table (default: the class name, lower case)."
+        return type(self).__name__.lower()
     def __repr__(self): return f"{type(self).__name__}({self.name})"
 
 # %% ../nbs/03_metrics.ipynb #db8296b7
@@ -111,18 +119,24 @@ class TorchMetric(Metric):
             raise TypeError(f"TorchMetric wraps a torchmetrics.Metric instance, got {metric!r}")
         self.metric, self._name, self._device_checked = metric, name or camel2snake(type(metric).__name__), False
     def reset(self):
+        "Reset the torchmetrics object."
         self.metric.reset()
         self._device_checked = False
     def accumulate(self, learn):
+        "Update the torchmetrics object with the batch (moved to the predictions' device once)."
         pred = learn.pred
         if not self._device_checked:
             if self.metric.device != pred.device: self.metric.to(pred.device)
             self._device_checked = True
         self.metric.update(pred, *learn.yb)
     @property
-    def value(self): return self.metric.compute()
+    def value(self):
+        "The torchmetrics object's `compute()`."
+        return self.metric.compute()
     @property
-    def name(self): return self._name
+    def name(self):
+        "The column name in the epoch table."
+        return self._name
 
 # %% ../nbs/03_metrics.ipynb #b44a12bb
 def as_metric(m) -> Metric:
@@ -148,7 +162,9 @@ class AvgLoss(Metric):
     @property
     def value(self): return weighted_mean(self.values, self.counts) if self.counts else None
     @property
-    def name(self): return 'loss'
+    def name(self):
+        "'loss'."
+        return 'loss'
 
 class AvgSmoothLoss(Metric):
     "Debiased exponential moving average of `learn.loss` with factor `beta`, computed when read."
@@ -173,4 +189,6 @@ class AvgSmoothLoss(Metric):
         self.flush()
         return None if self.count == 0 else self.raw / (1 - self.beta ** self.count)
     @property
-    def name(self): return 'smooth_loss'
+    def name(self):
+        "'smooth_loss'."
+        return 'smooth_loss'

@@ -115,6 +115,7 @@ class MixedPrecision(_OverflowSkips):
         self._init_skips(max_skips)
 
     def before_fit(self):
+        "Check there is one precision callback and float32 parameters; create the GradScaler for float16."
         learn = self.learn
         _check_one_precision_cb(learn)
         _check_float_params(learn.model, 'MixedPrecision')
@@ -131,12 +132,16 @@ class MixedPrecision(_OverflowSkips):
         self._reset_skips()
         self._unscaled = False
 
-    def forward_context(self): return torch.autocast(device_type=self.learn.device.type, dtype=self.dtype)
+    def forward_context(self):
+        "`torch.autocast` to `dtype` around the forward pass and the loss."
+        return torch.autocast(device_type=self.learn.device.type, dtype=self.dtype)
 
     def before_backward(self):
+        "Scale the loss to back-propagate (float16 only)."
         if self.scaler is not None: self.learn.loss_grad = self.scaler.scale(self.learn.loss_grad)
 
     def before_step(self):
+        "Unscale the gradients and skip the step (with its weight decay) when they overflowed (float16 only; one sync)."
         scaler = self.scaler
         if scaler is None: return
         opt = self.learn.opt.opt
@@ -148,12 +153,14 @@ class MixedPrecision(_OverflowSkips):
         self._unscaled = True
 
     def after_step(self):
+        "Update the loss scale after a step."
         if self._unscaled:
             self.scaler.update()
             self._unscaled = False
             self._clean_step()
 
     def after_cancel_step(self):  # a callback after this one cancelled the step: close the scaler's iteration
+        "Update the loss scale when a later callback cancelled the step."
         if self._unscaled:
             self.scaler.update()
             self._unscaled = False
@@ -171,6 +178,7 @@ class MixedPrecision(_OverflowSkips):
         return {'dtype': str(self.dtype).replace('torch.', ''), 'scaler': scaler}
 
     def load_state_dict(self, state: dict):
+        "Put back the GradScaler's state from a checkpoint."
         scaler = (state or {}).get('scaler') or {}
         if self.dtype != torch.float16 or not scaler: return
         if self.scaler is not None: self.scaler.load_state_dict(scaler)
@@ -312,6 +320,7 @@ def _load_state_dict_hook(self: FP16Training, model):
 # %% ../nbs/10_mixed_precision.ipynb #9561f115
 @patch
 def before_fit(self: FP16Training):
+    "Check there is one precision callback; put the fp32 master copy, and an optimizer over it, on the model's device."
     learn = self.learn
     _check_one_precision_cb(learn)
     device = self.model_params[0].device
@@ -328,16 +337,23 @@ def before_fit(self: FP16Training):
 
 @patch
 def before_train(self: FP16Training):
+    "Mirror the master parameters' `requires_grad` (freezing) onto the float16 model."
     for p, m in zip(self.model_params, self.master_params):
         if p.requires_grad != m.requires_grad: p.requires_grad_(m.requires_grad)
     self._trainable = [(p, m) for p, m in zip(self.model_params, self.master_params) if m.requires_grad]
 
 @patch
-def before_batch(self: FP16Training): self.learn.xb = _cast_floats(self.learn.xb, torch.float16)
+def before_batch(self: FP16Training):
+    "Cast the floating-point inputs to float16."
+    self.learn.xb = _cast_floats(self.learn.xb, torch.float16)
 @patch
-def after_pred(self: FP16Training): self.learn.pred = _cast_floats(self.learn.pred, torch.float32)
+def after_pred(self: FP16Training):
+    "Cast the predictions to float32, so the loss and metrics are computed in float32."
+    self.learn.pred = _cast_floats(self.learn.pred, torch.float32)
 @patch
-def before_backward(self: FP16Training): self.learn.loss_grad = self.learn.loss_grad * self.scale
+def before_backward(self: FP16Training):
+    "Multiply the loss to back-propagate by the loss scale."
+    self.learn.loss_grad = self.learn.loss_grad * self.scale
 
 # %% ../nbs/10_mixed_precision.ipynb #c46574cb
 @patch
@@ -386,6 +402,7 @@ def state_dict(self: FP16Training) -> dict:
 
 @patch
 def load_state_dict(self: FP16Training, state: dict):
+    "Put back the loss scale and its growth counter from a checkpoint."
     if not state: return
     self.scale, self.growth_tracker = float(state['scale']), int(state.get('growth_tracker', 0))
     if self._inv_scale is not None: self._inv_scale.fill_(1. / self.scale)
@@ -404,6 +421,7 @@ class GradientClip(Callback):
         self.max_norm, self.norm_type, self.last_norm, self._opt, self._params = float(max_norm), float(norm_type), None, None, []
 
     def before_step(self):
+        "Clip the gradients' total norm to `max_norm` before the step (kept in `last_norm`)."
         opt = self.learn.opt.opt
         if opt is not self._opt: self._opt, self._params = opt, [p for g in opt.param_groups for p in g['params']]
         self.last_norm = nn.utils.clip_grad_norm_(self._params, self.max_norm, self.norm_type)

@@ -342,6 +342,7 @@ class PhaseScheduler(Callback):
         self.held, self.phase_loss_func = [], None
 
     def before_fit(self):
+        "Remember the learner's own data and loss and every scheduled attribute's value, to give them back after the fit."
         learn = self.learn
         self.saved, self.own_loss_saved, self.targets, self.attrs = {}, [], {}, []
         self.own_dls, self.own_loss_func, self.phase_index = learn.dls, learn.loss_func, None
@@ -373,6 +374,7 @@ class PhaseScheduler(Callback):
         return math.nan if target is None else _get_attr(*target)
 
     def before_epoch(self):
+        "Start the epoch's phase (its data, optimizer and loss) when it changes."
         index = self.epoch_phase[self.learn.epoch]
         if index != self.phase_index: self._start_phase(index)
         self.offset = self.epoch_offset[self.learn.epoch]
@@ -395,6 +397,7 @@ class PhaseScheduler(Callback):
         if self.recorder is not None: self.recorder.phase_lengths = [sum(p) for p in self.lengths]
 
     def before_batch(self):
+        "Set every scheduled hyperparameter and attribute to its value at this iteration's position in the phase."
         if not self.learn.training: return
         pct = (self.offset + self.learn.iter) / self.n
         opt = self.learn.opt
@@ -415,6 +418,7 @@ class PhaseScheduler(Callback):
         self.held, self.phase_loss_func = [], None
 
     def after_fit(self):
+        "Give the learner back its own data and loss function, and every scheduled attribute its value before the fit."
         self.learn.dls, self.learn.loss_func = self.own_dls, self.own_loss_func
         for owner, key, value in self.saved.values(): _set_attr(owner, key, value)
         if self.recorder is not None:
@@ -502,6 +506,7 @@ class OneCycle:
         return out
 
     def phases(self, n_epoch) -> list:
+        "The one phase of an `n_epoch`-epoch one-cycle run, with its lr and momentum schedules."
         return [TrainingPhase(epochs=n_epoch, **self.schedules())]
     def __repr__(self):
         return (f"OneCycle(lr_max={self.lr_max!r}, div={self.div}, div_final={self.div_final}, "
@@ -517,6 +522,7 @@ class SGDR:
             raise ValueError(f"cycle_len and cycle_mult must be positive, got {cycle_len}, {cycle_mult}")
         self.lr_max, self.cycle_len, self.cycle_mult = lr_max, cycle_len, cycle_mult
     def phases(self, n_cycles: int) -> list:
+        "`n_cycles` phases of cosine annealing from `lr_max` to 0, the i-th `cycle_len * cycle_mult**i` epochs long."
         return [TrainingPhase(epochs=self.cycle_len * self.cycle_mult ** i, lr=SchedCos(self.lr_max, 0.))
                 for i in range(n_cycles)]
     def __repr__(self): return f"SGDR(lr_max={self.lr_max!r}, cycle_len={self.cycle_len}, cycle_mult={self.cycle_mult})"
@@ -528,6 +534,7 @@ class FlatCos:
         if not 0 <= pct_start < 1: raise ValueError(f"pct_start must be in [0, 1), got {pct_start}")
         self.lr, self.pct_start, self.div_final = lr, pct_start, div_final
     def phases(self, n_epoch) -> list:
+        "The one phase of an `n_epoch`-epoch run: flat lr for `pct_start`, then cosine annealing."
         lr = combine_scheds([self.pct_start, 1 - self.pct_start],
                             [SchedConst(self.lr), SchedCos(self.lr, OneCycle._lr(None, self.lr, self.div_final))])
         return [TrainingPhase(epochs=n_epoch, lr=lr)]
@@ -540,6 +547,7 @@ class WarmupCosine:
         if not 0 < warmup_pct < 1: raise ValueError(f"warmup_pct must be in (0, 1), got {warmup_pct}")
         self.lr_max, self.warmup_pct, self.div_final = lr_max, warmup_pct, div_final
     def phases(self, n_epoch) -> list:
+        "The one phase of an `n_epoch`-epoch run: linear warm-up for `warmup_pct`, then cosine annealing."
         zero = OneCycle._lr(None, self.lr_max, float('inf'))
         lr = combine_scheds([self.warmup_pct, 1 - self.warmup_pct],
                             [SchedLin(zero, self.lr_max), SchedCos(self.lr_max, OneCycle._lr(None, self.lr_max, self.div_final))])

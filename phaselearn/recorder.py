@@ -82,7 +82,9 @@ class Recorder(Callback):
         self._tracked, self.tracked, self.phase_lengths = {}, {}, None  # see `Recorder.track`
 
     @property
-    def metric_names(self) -> list: return [m.name for m in self.learn.metrics]
+    def metric_names(self) -> list:
+        "The names of the learner's metrics."
+        return [m.name for m in self.learn.metrics]
 
     @property
     def names(self) -> list:
@@ -91,6 +93,7 @@ class Recorder(Callback):
         return ['epoch', 'train_loss'] + valid + ['time']
 
     def before_fit(self):
+        "Start a new history: losses, batch sizes, hyperparameters, epoch table."
         self.smooth_loss.reset()
         self.values, self.epoch_batches, self.batch_sizes = [], [], []  # epoch_batches: training batches in each epoch
         self._snapshots, self.segments, self._opt = [], [], None  # segments: (first batch, keys read, optimizer layout)
@@ -98,6 +101,7 @@ class Recorder(Callback):
         self.tracked, self.phase_lengths = {name: [] for name in self._tracked}, None
 
     def before_epoch(self):
+        "Start the epoch's clock."
         self.epoch_start, self.last_valid = time.perf_counter(), None
 
     def _new_segment(self, opt):
@@ -108,7 +112,9 @@ class Recorder(Callback):
         self.segments.append((len(self._snapshots), keys, layout))
 
     def after_batch(self):
+        "Keep the batch's loss (on the device) and hyperparameters in training, accumulate loss and metrics in validation; a cancelled batch adds nothing."
         learn = self.learn
+        if learn.batch_cancelled: return  # a cancelled batch counts in no loss, metric, size or snapshot
         if learn.training:
             self.smooth_loss.accumulate(learn)
             self.batch_sizes.append(batch_size(learn.yb))
@@ -133,15 +139,18 @@ class Recorder(Callback):
             except Exception as e: raise _metric_error(metric, 'accumulate', e) from e
 
     def after_train(self):
+        "Close the epoch's count of training batches and move its losses to the host (one transfer)."
         self.epoch_batches.append(len(self.batch_sizes) - sum(self.epoch_batches))
         self.smooth_loss.flush()  # one transfer per epoch: the batch losses become host floats
         self._flush_components()
 
     def before_validate(self):
+        "Reset the validation loss and the metrics."
         self.valid_loss.reset()
         for metric in self.learn.metrics: metric.reset()
 
     def after_validate(self):
+        "Read the validation loss and metrics (one transfer per device) into `last_valid`."
         metrics = self.learn.metrics
         values = [self.valid_loss.value]
         for metric in metrics:
@@ -161,6 +170,8 @@ class Recorder(Callback):
         return math.fsum(loss * size for loss, size in zip(losses, sizes)) / sum(sizes)
 
     def after_epoch(self):
+        "Append the epoch's row to the table: epoch, train_loss (batch-size-weighted mean), valid_loss, metrics, time."
+        if len(self.epoch_batches) == len(self.values): self.after_train()  # an epoch cancelled before its after_train
         row = [self.learn.epoch, self._epoch_train_loss()]
         if self.learn.dls.valid is not None: row += self.last_valid or [math.nan] * (1 + len(self.learn.metrics))
         row.append(time.perf_counter() - self.epoch_start)
@@ -335,9 +346,11 @@ def quiet_env() -> bool:
     return os.environ.get('PHASELEARN_QUIET', '').strip().lower() not in ('', '0', 'false', 'no')
 
 def in_notebook() -> bool:
-    "True when `tqdm.auto` draws widgets, i.e. we run in a Jupyter kernel with ipywidgets."
-    from tqdm.auto import tqdm
-    return tqdm.__module__.startswith('tqdm.notebook')
+    "True inside a Jupyter kernel (Notebook, JupyterLab, VS Code, Colab: an IPython `ZMQInteractiveShell`), where HTML shows."
+    import sys
+    if 'IPython' not in sys.modules: return False  # nothing started IPython: a plain script (and IPython stays unimported)
+    shell = sys.modules['IPython'].get_ipython()
+    return shell is not None and any(c.__name__ == 'ZMQInteractiveShell' for c in type(shell).__mro__)
 
 def _format_value(value) -> str:
     if isinstance(value, float): return 'nan' if math.isnan(value) else f"{value:.6f}"
@@ -376,6 +389,7 @@ class ProgressCallback(Callback):
         self.bar, self.postfix, self.rows, self.handle = None, '', [], None
 
     def before_fit(self):
+        "Start a new epoch table."
         self.rows, self.handle = [], None
         self._recorder = getattr(self.learn, 'recorder', None)
 
@@ -387,10 +401,15 @@ class ProgressCallback(Callback):
         now = _clock()
         self._next_update, self._next_postfix = now + self.bar_interval, now + self.refresh
 
-    def before_train(self): self._open_bar(f"epoch {self.learn.epoch}")
-    def before_validate(self): self._open_bar("valid")
+    def before_train(self):
+        "Open the training bar of this epoch."
+        self._open_bar(f"epoch {self.learn.epoch}")
+    def before_validate(self):
+        "Open the validation bar."
+        self._open_bar("valid")
 
     def after_batch(self):
+        "Move the bar, at most every `bar_interval` seconds (no sync)."
         if self.bar is not None and _clock() >= self._next_update: self._update()
 
     def _update(self):
@@ -408,11 +427,18 @@ class ProgressCallback(Callback):
     def _close_bar(self):
         if self.bar is not None: self.bar.close()
         self.bar = None
-    def after_train(self): self._close_bar()
-    def after_validate(self): self._close_bar()
-    def after_fit(self): self._close_bar()
+    def after_train(self):
+        "Close the training bar."
+        self._close_bar()
+    def after_validate(self):
+        "Close the validation bar."
+        self._close_bar()
+    def after_fit(self):
+        "Close any bar still open."
+        self._close_bar()
 
     def after_epoch(self):
+        "Show the epoch's row: the HTML table updated in place in a notebook, a line of text elsewhere."
         recorder = getattr(self, '_recorder', None)
         if not self.show_table or quiet_env() or recorder is None or not recorder.values: return
         self.rows.append(recorder.values[-1])
@@ -446,9 +472,12 @@ class CSVLogger(Callback):
         self.fname, self.append, self.file = Path(fname), append, None
 
     @property
-    def path(self) -> Path: return self.learn.path / self.fname
+    def path(self) -> Path:
+        "The CSV file: `learn.path / fname`."
+        return self.learn.path / self.fname
 
     def before_fit(self):
+        "Open the file (rank 0 only under torch.distributed), writing the header unless appending to rows already there."
         self.file = None
         if not is_main_process(): return  # under torch.distributed, rank 0 writes
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -459,11 +488,13 @@ class CSVLogger(Callback):
         self.file.flush()
 
     def after_epoch(self):
+        "Write the epoch's row of the table and flush it."
         if self.file is None: return
         self.writer.writerow(self.learn.recorder.values[-1])
         self.file.flush()
 
     def after_fit(self):
+        "Close the file."
         if self.file is not None: self.file.close()
         self.file = None
 
@@ -478,9 +509,12 @@ class ShowGraphCallback(Callback):
     order, run_in_lr_find = 65, False
     def __init__(self, fname: str | None = None): self.fname, self.handle = fname, None
 
-    def before_fit(self): self.handle = None
+    def before_fit(self):
+        "Start a new figure."
+        self.handle = None
 
     def after_epoch(self):
+        "Redraw the training and validation losses: in place in a notebook, else into `fname`."
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(6, 4))
         self.learn.recorder.plot_loss(ax=ax)

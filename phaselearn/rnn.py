@@ -58,7 +58,9 @@ class LMDataLoader:
     def __len__(self): return math.ceil(self.row_len / self.bptt)
 
     @property
-    def device(self) -> torch.device: return self.x.device
+    def device(self) -> torch.device:
+        "Where the stream, and so the batches, are."
+        return self.x.device
 
     def set_epoch(self, epoch: int, skip: int = 0):
         "Every epoch has the same order; the next pass starts after its first `skip` batches."
@@ -133,14 +135,18 @@ class RNNCallback(Callback):
         for module in _resettables(unwrap_model(self.learn.model)): module.reset()
 
     def before_fit(self):
+        "Reset the model's hidden state."
         self.raw_out = self.out = None
         self.reset()
     def before_train(self):
+        "Reset the hidden state before training, when 'train' is in `reset_on`."
         if 'train' in self.reset_on: self.reset()
     def before_validate(self):
+        "Reset the hidden state before validation, when 'validate' is in `reset_on`."
         if 'validate' in self.reset_on: self.reset()
 
     def after_pred(self):
+        "Keep the output of an `(output, raw_outputs, dropped_outputs)` prediction as `learn.pred`, the rest as `raw_out`, `out`."
         pred = self.learn.pred
         if isinstance(pred, tuple):
             if len(pred) != 3:
@@ -148,7 +154,9 @@ class RNNCallback(Callback):
                                  f"(output, raw_outputs, dropped_outputs), AWD-LSTM style")
             self.learn.pred, self.raw_out, self.out = pred
 
-    def after_fit(self): self.raw_out = self.out = None  # do not hold the last batch's activations
+    def after_fit(self):
+        "Drop the last batch's activations."
+        self.raw_out = self.out = None  # do not hold the last batch's activations
 
 # %% ../nbs/16_rnn.ipynb #0d135684
 def _check_weight(weight):
@@ -181,9 +189,12 @@ class LossTerm(Callback):
         weight = self.weight
         return weight(self.learn.pct_train) if callable(weight) else weight
 
-    def before_fit(self): self._values, self._pending, self.weights = [], [], []
+    def before_fit(self):
+        "Start new records of the term's values and weights."
+        self._values, self._pending, self.weights, self._batch = [], [], [], None
 
     def after_loss(self):
+        "Add `weight * term(learn)` to the loss to back-propagate (training only); the reported loss is unchanged."
         learn = self.learn
         if not learn.training: return
         term = self.term(learn)
@@ -192,15 +203,23 @@ class LossTerm(Callback):
                              f"{('a tensor of shape ' + str(tuple(term.shape))) if isinstance(term, torch.Tensor) else repr(term)}")
         weight = self.current_weight()
         if weight != 0: learn.loss_grad = learn.loss_grad + weight * term
-        self._pending.append(term.detach())
-        self.weights.append(weight)
+        self._batch = (term.detach(), weight)  # recorded in after_batch, unless the batch is cancelled
+
+    def after_batch(self):
+        "Record the batch's term and weight (a cancelled batch records nothing)."
+        batch, self._batch = getattr(self, '_batch', None), None
+        if batch is None or not self.learn.training or self.learn.batch_cancelled: return
+        self._pending.append(batch[0])
+        self.weights.append(batch[1])
 
     def _flush(self):
         if self._pending:
             self._values += torch.stack(self._pending).float().tolist()  # one transfer for all the waiting terms
             self._pending = []
 
-    def after_train(self): self._flush()
+    def after_train(self):
+        "Move the recorded term values to the host in one transfer."
+        self._flush()
 
     @property
     def values(self) -> list:
@@ -226,6 +245,7 @@ class RNNRegularizer(LossTerm):
         self.alpha, self.beta, self.time_dim, self.ar, self.tar = float(alpha), float(beta), time_dim, None, None
 
     def before_fit(self):
+        "Find the RNNCallback that supplies the activations (an error without one)."
         super().before_fit()
         self.rnn = next((cb for cb in self.learn.cbs if isinstance(cb, RNNCallback)), None)
         if self.rnn is None:

@@ -44,6 +44,7 @@ class TrackerCallback(Callback):
         return bool(self.comp(value + shift, self.best))
 
     def before_fit(self):
+        "Find `monitor`'s column in the epoch table (an error naming the valid ones) and reset the best value when `reset_on_fit`."
         recorder = getattr(self.learn, 'recorder', None)
         if recorder is None: raise ValueError(f"{type(self).__name__} reads the epoch table: the learner needs its Recorder")
         names = recorder.names
@@ -56,6 +57,7 @@ class TrackerCallback(Callback):
         if self.reset_on_fit: self.reset()
 
     def after_epoch(self):
+        "Read `monitor` and note whether it improved on the best by more than `min_delta`."
         self.value = float(self.learn.recorder.values[-1][self.column])
         self.new_best = self.improves(self.value)
         if self.new_best: self.best, self.best_epoch, self.wait = self.value, self.learn.epoch, 0
@@ -81,10 +83,12 @@ class EarlyStoppingCallback(TrackerCallback):
         self.patience, self.message, self.stopped_epoch = int(patience), None, None
 
     def before_fit(self):
+        "Reset the best value (when `reset_on_fit`) and the stop message."
         super().before_fit()
         self.message, self.stopped_epoch = None, None
 
     def after_epoch(self):
+        "Stop the fit (CancelFitException) after `patience` epochs without improvement of `monitor`."
         super().after_epoch()
         if self.wait < self.patience: return
         epoch = self.stopped_epoch = self.learn.epoch
@@ -97,8 +101,12 @@ class EarlyStoppingCallback(TrackerCallback):
 class SaveModelCallback(TrackerCallback):
     "Saves the model when `monitor` improves (or every epoch), and loads the best weights back after the fit (unless `at_end`)."
     def __init__(self, monitor: str = 'valid_loss', comp=None, min_delta: float = 0., fname: str = 'model',
-                 every_epoch: bool = False, at_end: bool = False, with_opt: bool = False, reset_on_fit: bool = True):
+                 every_epoch: bool | int = False, at_end: bool = False, with_opt: bool = False, reset_on_fit: bool = True):
         super().__init__(monitor, comp, min_delta, reset_on_fit)
+        if not isinstance(every_epoch, (bool, numbers.Integral)) or (not isinstance(every_epoch, bool) and every_epoch < 1):
+            raise ValueError(f"every_epoch must be True (every epoch), False (the best only) or a positive integer N "
+                             f"(every N epochs), got {every_epoch!r}")
+        every_epoch = int(every_epoch)  # True -> 1, False -> 0
         self.fname, self.every_epoch, self.at_end, self.with_opt = str(fname), every_epoch, at_end, with_opt
         self.best_file = None
 
@@ -107,9 +115,10 @@ class SaveModelCallback(TrackerCallback):
         self.best_file = None
 
     def after_epoch(self):
+        "Save the model when `monitor` improves (and every `every_epoch` epochs)."
         super().after_epoch()
         learn = self.learn
-        if self.every_epoch:
+        if self.every_epoch and learn.epoch % self.every_epoch == 0:
             name = f"{self.fname}_{learn.epoch}"
             learn.save(name, with_opt=self.with_opt)
             if self.new_best: self.best_file = name
@@ -118,6 +127,7 @@ class SaveModelCallback(TrackerCallback):
             self.best_file = self.fname
 
     def after_fit(self):
+        "Load the best weights back, or with `at_end` save the final ones."
         learn = self.learn
         if self.at_end: learn.save(self.fname, with_opt=self.with_opt)
         elif self.best_file is not None and learn._file(self.best_file).exists():
@@ -162,6 +172,7 @@ class ReduceLROnPlateau(TrackerCallback):
         if self.scale is not None: opt.scale_hyper('lr', self.scale)
 
     def before_fit(self):
+        "Reset the best value (when `reset_on_fit`) and apply the current lr scale to the optimizer."
         super().before_fit()
         self.messages = []
         self._sync_scale()
@@ -174,6 +185,7 @@ class ReduceLROnPlateau(TrackerCallback):
     def after_fit(self): self.learn.recorder.untrack('lr_scale')
 
     def after_epoch(self):
+        "After `patience` epochs without improvement, multiply the lr scale by `factor` (floored at `min_lr`)."
         super().after_epoch()
         if self.wait < self.patience: return
         opt, epoch, waited = self.learn.opt, self.learn.epoch, self.wait
@@ -192,6 +204,7 @@ class ReduceLROnPlateau(TrackerCallback):
         print(message, flush=True)
 
     def on_remove(self):
+        "Take the lr scale off the optimizer."
         if self.learn is not None and self.learn.opt is not None: self.learn.opt.reset_scales('lr')
 
     def state_dict(self) -> dict:
@@ -206,10 +219,13 @@ class TerminateOnNaNCallback(Callback):
     Opt-in: reading the loss is a host-device sync after every training batch."""
     order, run_after, run_in_lr_find = 55, Recorder, False
     def __init__(self): self.message = None
-    def before_fit(self): self.message = None
+    def before_fit(self):
+        "Forget the previous fit's message."
+        self.message = None
     def after_batch(self):
+        "Stop the fit when the training loss is not finite (one sync per batch)."
         learn = self.learn
-        if not learn.training: return
+        if not learn.training or learn.batch_cancelled: return
         loss = float(learn.loss)  # the sync
         if math.isfinite(loss): return
         self.message = f"Terminated at epoch {learn.epoch}, batch {learn.iter}: the training loss is {loss}."
@@ -235,6 +251,7 @@ class TensorBoardCallback(Callback):
         self.step, self.writer = 0, None
 
     def before_fit(self):
+        "Open the SummaryWriter and check the hyperparameters to log."
         if self.log_dir is None:
             self.log_dir = self.learn.path / 'runs' / f"{time.strftime('%Y%m%d-%H%M%S')}_{socket.gethostname()}"
         self.writer = self._writer_class(log_dir=str(self.log_dir))
@@ -244,7 +261,8 @@ class TensorBoardCallback(Callback):
         self._names = names
 
     def after_batch(self):
-        if not self.learn.training: return
+        "Every `every_n` training batches, write the smoothed loss and the hyperparameters."
+        if not self.learn.training or self.learn.batch_cancelled: return
         self.step += 1
         if self.step % self.every_n: return
         writer, step = self.writer, self.step
@@ -259,14 +277,20 @@ class TensorBoardCallback(Callback):
                 for i, v in enumerate(values): writer.add_scalar(f"hyper/{name}/group_{i}", v, step)
 
     def after_epoch(self):
+        "Write the epoch's row of the table."
         recorder = self.learn.recorder
         for name, value in zip(recorder.names, recorder.values[-1]):
             if name not in ('epoch', 'time'): self.writer.add_scalar(f"epoch/{name}", value, self.step)
         self.writer.flush()
 
     def after_fit(self):
+        "Close the writer."
         if self.writer is not None: self.writer.close()
         self.writer = None
 
-    def state_dict(self) -> dict: return {'step': self.step}
-    def load_state_dict(self, state: dict): self.step = int(state['step'])
+    def state_dict(self) -> dict:
+        "The step counter, for checkpoints."
+        return {'step': self.step}
+    def load_state_dict(self, state: dict):
+        "Put back the step counter."
+        self.step = int(state['step'])

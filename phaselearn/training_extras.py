@@ -38,6 +38,7 @@ class GradientAccumulation(Callback):
         self.n_acc, self._n, self._partial, self._ddp = int(n_acc), 0, False, None
 
     def before_train(self):
+        "Note the pass length; drop the gradients of a group that a cancelled pass cut short."
         learn = self.learn
         self._n, self._ddp = learn.n_iter, _find_ddp(learn.model)
         if self._partial:  # gradients of a group cut short by a cancelled pass: drop them
@@ -50,11 +51,13 @@ class GradientAccumulation(Callback):
         return bool((i + 1) % self.n_acc) and i + 1 != self._n
 
     def before_backward(self):
+        "Divide the loss to back-propagate by the number of batches in this batch's group."
         i, n_acc = self.learn.iter, self.n_acc
         size = min(n_acc, self._n - (i - i % n_acc))  # batches in this batch's group
         if size > 1: self.learn.loss_grad = self.learn.loss_grad / size
 
     def before_step(self):
+        "Skip the step (CancelStepException) unless this batch ends its group."
         if self._accumulating(self.learn.iter):
             self._partial = True
             raise CancelStepException()
@@ -124,9 +127,12 @@ class EMACallback(Callback):
         self._lerp_mixed = ([self._ema[i] for i in mixed], [self._source[i] for i in mixed])
         self._ints = (ema_other_buffers, other_buffers)
 
-    def before_fit(self): self._prepare()
+    def before_fit(self):
+        "Create (or take over) the averaged copy of the weights."
+        self._prepare()
 
     def after_step(self):
+        "`ema <- decay * ema + (1 - decay) * weights` after the optimizer step (a copy during the first `start_iter` steps)."
         if self.n_steps < self.start_iter: torch._foreach_copy_(self._ema, self._source)
         else:
             weight = 1. - self.decay
@@ -138,6 +144,7 @@ class EMACallback(Callback):
         self.n_steps += 1
 
     def before_validate(self):
+        "With `validate_with_ema`, swap the averaged weights into the model for validation."
         if not self.validate_with_ema or self.ema_model is None or self._backup is not None: return
         model = unwrap_model(self.learn.model)
         if model is not self._model:  # validate() with another model (or after learn.model was replaced)
@@ -152,9 +159,12 @@ class EMACallback(Callback):
         torch._foreach_copy_(self._weights, self._backup)
         self._backup = None
 
-    def after_validate(self): self.restore()
+    def after_validate(self):
+        "Put the trained weights back after validation."
+        self.restore()
 
     def after_fit(self):
+        "Put the trained weights back; with `replace_at_end`, copy the average into the model."
         self.restore()
         if self.replace_at_end and self.ema_model is not None:
             torch._foreach_copy_(self._weights, self._ema)
@@ -166,6 +176,7 @@ class EMACallback(Callback):
         return {'n_steps': self.n_steps, 'ema': ema}
 
     def load_state_dict(self, state: dict):
+        "Put back the step count and the averaged weights from a checkpoint."
         if not state: return
         if not isinstance(state, dict) or 'n_steps' not in state:
             raise ValueError(f"EMACallback.load_state_dict expects {{'n_steps': int, 'ema': state dict or None}}, got keys {list(state)}")

@@ -336,7 +336,9 @@ class LRFinderExplorer(_Explorer):
         return float(np.interp(math.log(self.lr), np.log(self.curve_lrs), self.curve_losses))
 
     @property
-    def suggestions(self): return self.result.suggestions
+    def suggestions(self):
+        "The suggested learning rates of the finder's result."
+        return self.result.suggestions
 
     def _draw(self):
         import matplotlib.pyplot as plt

@@ -3,8 +3,12 @@
 `SyncCounter` records every call that reads a tensor's value on the host (`.item()`, `float(t)`, `.tolist()`, ...) with
 the code that made it; `cuda_sync_warnings` asks CUDA itself (`torch.cuda.set_sync_debug_mode`) what synchronised.
 """
-import collections, sys, warnings
+import collections, functools, os, sys, warnings
 import torch
+import phaselearn
+
+# the imported package's own folder, not any path that happens to contain 'phaselearn' (a clone is often named so)
+_PACKAGE_DIR = os.path.dirname(os.path.realpath(phaselearn.__file__)).replace('\\', '/') + '/'
 
 SYNC_METHODS = ('item', 'tolist', 'numpy', '__float__', '__int__', '__bool__', '__index__', '__complex__')
 _TENSOR_HELPERS = ('torch/_tensor.py', 'torch/_tensor_str.py', 'torch/overrides.py')  # f"{t}" calls item() from here
@@ -16,11 +20,15 @@ def _caller(frame):
     return frame
 
 
+@functools.lru_cache(maxsize=None)
+def _real(filename: str) -> str: return os.path.realpath(filename).replace('\\', '/')
+
+
 def _origin(frame) -> str:
     "Who asked for the value, as 'phaselearn', 'torch.optim', or a file name."
     if frame is None: return '?'
-    filename = frame.f_code.co_filename.replace('\\', '/')
-    if '/phaselearn/' in filename: return 'phaselearn'
+    filename = _real(frame.f_code.co_filename)
+    if filename.startswith(_PACKAGE_DIR): return 'phaselearn'
     if '/torch/optim/' in filename: return 'torch.optim'
     return filename
 

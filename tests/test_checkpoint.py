@@ -3,14 +3,7 @@ from pathlib import Path
 import pytest, torch
 from torch import nn
 from torch.utils.data import Dataset
-from phaselearn.core import set_seed
-from phaselearn.data import DataLoaders, digits_tensors
-from phaselearn.callback import Callback
-from phaselearn.learner import Learner
-from phaselearn.metrics import accuracy
-from phaselearn.phases import TrainingPhase
-from phaselearn.schedule import SchedCos, SchedLin
-from phaselearn.checkpoint import CheckpointCallback, checkpoint_files
+from phaselearn.all import *
 
 
 class Digits(Dataset):

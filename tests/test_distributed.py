@@ -10,16 +10,7 @@ from pathlib import Path
 import pytest, torch
 from torch import nn
 from torch.utils.data import Dataset
-from phaselearn.core import *
-from phaselearn.data import *
-from phaselearn.callback import *
-from phaselearn.metrics import *
-from phaselearn.recorder import *
-from phaselearn.learner import *
-from phaselearn.schedule import *
-from phaselearn.phases import *
-from phaselearn.lr_finder import *
-from phaselearn.distributed import *
+from phaselearn.all import *
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason='torch.distributed is not available')
 REPO = Path(__file__).resolve().parents[1]

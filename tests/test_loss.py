@@ -6,15 +6,7 @@ import pytest
 import torch
 from torch import nn
 import torch.nn.functional as F
-from phaselearn.core import set_seed
-from phaselearn.callback import Callback
-from phaselearn.data import digits_dls
-from phaselearn.learner import Learner
-from phaselearn.recorder import Recorder
-from phaselearn.schedule import SchedLin, SchedCos, SchedExp
-from phaselearn.phases import TrainingPhase
-from phaselearn.lr_finder import *
-from phaselearn.loss import ScheduledLoss, SwitchLoss
+from phaselearn.all import *
 from test_syncs import SyncCounter
 
 

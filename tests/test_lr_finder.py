@@ -3,16 +3,7 @@ import copy, math, os, random, warnings
 import numpy as np, pytest, torch
 from torch import nn
 from torch.utils.data import Dataset
-from phaselearn.core import *
-from phaselearn.data import *
-from phaselearn.callback import *
-from phaselearn.metrics import *
-from phaselearn.recorder import *
-from phaselearn.optimizer import *
-from phaselearn.schedule import *
-from phaselearn.learner import *
-from phaselearn.phases import *
-from phaselearn.lr_finder import *
+from phaselearn.all import *
 
 
 @pytest.fixture(autouse=True)
@@ -491,9 +482,6 @@ def test_cuda_state_and_streams_restored():
 
 def test_lr_find_restores_a_loss_with_state():
     "A SwitchLoss that switches during the sweep is put back to its step before the sweep."
-    from phaselearn.loss import SwitchLoss
-    from phaselearn.data import digits_dls
-    from phaselearn.core import set_seed
     set_seed(0)
     switch = SwitchLoss([(nn.CrossEntropyLoss(), None),
                          (nn.CrossEntropyLoss(label_smoothing=0.1), lambda learn: learn.train_iter >= 5)], verbose=False)

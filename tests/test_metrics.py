@@ -10,12 +10,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
-from phaselearn.core import set_seed
-from phaselearn.data import DataLoaders, digits_dls
-from phaselearn.callback import Callback
-from phaselearn.metrics import *
-from phaselearn.recorder import quiet
-from phaselearn.learner import Learner
+from phaselearn.all import *
 
 torchmetrics = pytest.importorskip('torchmetrics')
 

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 from fastcore.test import test_eq as _test_eq
 from phaselearn.all import *
-from phaselearn.mixed_precision import *
 from phaselearn.mixed_precision import _precision_cbs
 from syncs import cuda_sync_warnings
 

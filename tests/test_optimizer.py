@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from phaselearn.optimizer import *
+from phaselearn.all import *
 
 N_STEPS = 60
 

@@ -9,15 +9,7 @@ import pytest
 import torch
 from torch import nn
 import torch.nn.functional as F
-from phaselearn.core import set_seed
-from phaselearn.callback import Callback
-from phaselearn.data import DataLoaders, TensorLoader, digits_dls, set_loader_epoch
-from phaselearn.metrics import accuracy
-from phaselearn.recorder import Recorder
-from phaselearn.learner import Learner
-from phaselearn.schedule import SchedLin, SchedCos
-from phaselearn.mixed_precision import MixedPrecision
-from phaselearn.rnn import *
+from phaselearn.all import *
 from syncs import SyncCounter
 
 

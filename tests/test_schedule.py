@@ -3,7 +3,7 @@ import copy, math
 import numpy as np
 import pytest
 import torch
-from phaselearn.schedule import *
+from phaselearn.all import *
 
 def _ulp_tol(a, b): return 1e-12 * max(abs(a), abs(b))
 

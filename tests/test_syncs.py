@@ -9,11 +9,7 @@ import contextlib, io
 import pytest
 import torch
 from torch import nn
-from phaselearn.core import set_seed
-from phaselearn.data import digits_dls
-from phaselearn.metrics import accuracy
-from phaselearn.learner import Learner
-from phaselearn.recorder import ProgressCallback
+from phaselearn.all import *
 
 from syncs import SyncCounter, cuda_sync_warnings
 

@@ -7,16 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from phaselearn.callback import *
-from phaselearn.core import *
-from phaselearn.data import *
-from phaselearn.learner import *
-from phaselearn.lr_finder import *
-from phaselearn.metrics import *
-from phaselearn.phases import *
-from phaselearn.recorder import *
-from phaselearn.schedule import *
-from phaselearn.tracking import *
+from phaselearn.all import *
 
 torch.set_num_threads(1)  # tiny models: one thread is fastest and immune to a busy machine
 

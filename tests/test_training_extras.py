@@ -5,15 +5,7 @@ import contextlib, copy, io, os
 import pytest
 import torch
 from torch import nn
-from phaselearn.core import set_seed
-from phaselearn.callback import Callback, CancelTrainException
-from phaselearn.data import DataLoaders, digits_tensors, digits_dls
-from phaselearn.learner import Learner
-from phaselearn.recorder import Recorder
-from phaselearn.phases import TrainingPhase
-from phaselearn.lr_finder import *
-from phaselearn.mixed_precision import MixedPrecision, FP16Training, GradientClip
-from phaselearn.training_extras import GradientAccumulation, EMACallback
+from phaselearn.all import *
 from test_syncs import SyncCounter
 
 X_TRAIN, Y_TRAIN, X_VALID, Y_VALID = digits_tensors()

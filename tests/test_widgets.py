@@ -9,15 +9,8 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 
-from phaselearn.core import set_seed
-from phaselearn.data import digits_dls, DataLoaders
-from phaselearn.learner import Learner
-from phaselearn.optimizer import sequential_splitter
-from phaselearn.schedule import SchedCos, SchedLin
-from phaselearn.phases import Phases, TrainingPhase, OneCycle, SGDR, FlatCos, WarmupCosine
-from phaselearn.lr_finder import LRFindResult, minimum, steep, valley
+from phaselearn.all import *
 import phaselearn.widgets as W
-from phaselearn.widgets import ScheduleExplorer, schedule_widget, LRFinderExplorer, lr_find_widget, knob_ranges
 
 
 def plotted(explorer) -> dict:
@@ -271,9 +264,7 @@ def test_plain_script_use(tmp_path):
     script = textwrap.dedent(f"""
         import matplotlib; matplotlib.use('Agg')
         import numpy as np
-        from phaselearn.phases import OneCycle
-        from phaselearn.lr_finder import LRFindResult, minimum, steep, valley
-        from phaselearn.widgets import schedule_widget, lr_find_widget
+        from phaselearn.all import *
         explorer = schedule_widget(OneCycle, lr_max=1e-2)
         explorer.controls['pct_start'].value = 0.5
         assert explorer.display() is explorer.figure
