@@ -356,7 +356,9 @@ class TrainingProgress:
         object.__setattr__(self, '_learn', learn)
         for name in self.fields: object.__setattr__(self, name, values[name])
 
-    def as_dict(self) -> dict: return {name: getattr(self, name) for name in self.fields}
+    def as_dict(self) -> dict:
+        "Every field by name, as a plain dict."
+        return {name: getattr(self, name) for name in self.fields}
     def __repr__(self): return 'TrainingProgress(' + ', '.join(f"{k}={v!r}" for k, v in self.as_dict().items()) + ')'
     def __eq__(self, other): return isinstance(other, TrainingProgress) and self.as_dict() == other.as_dict()
 

@@ -406,13 +406,15 @@ class PhaseScheduler(Callback):
         if self.loss_weights is not None:
             self.learn.loss_func.weights = [w(pct) if callable(w) else w for w in self.loss_weights]
 
-    def before_validate(self):  # validation reports the learner's own loss, as it was before the fit: like with like
+    def before_validate(self):
+        "Validate with the learner's own loss, as it was before the fit, so `valid_loss` compares like with like across phases."
         learn = self.learn
         self.phase_loss_func, learn.loss_func = learn.loss_func, self.own_loss_func
         self.held = [(owner, key, _get_attr(owner, key)) for owner, key, _ in self.own_loss_saved]
         for owner, key, value in self.own_loss_saved: _set_attr(owner, key, value)
 
     def after_validate(self):
+        "Hand training back the phase's loss and its scheduled attribute values."
         for owner, key, value in self.held: _set_attr(owner, key, value)
         if self.phase_loss_func is not None: self.learn.loss_func = self.phase_loss_func
         self.held, self.phase_loss_func = [], None

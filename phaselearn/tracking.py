@@ -182,7 +182,9 @@ class ReduceLROnPlateau(TrackerCallback):
         opt = self.learn.opt
         return opt.hyper_scales.get('lr') or [1.] * opt.n_groups
 
-    def after_fit(self): self.learn.recorder.untrack('lr_scale')
+    def after_fit(self):
+        "Stop recording the lr scale."
+        self.learn.recorder.untrack('lr_scale')
 
     def after_epoch(self):
         "After `patience` epochs without improvement, multiply the lr scale by `factor` (floored at `min_lr`)."
