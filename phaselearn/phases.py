@@ -17,8 +17,8 @@ from .learner import *
 from .data import _check_bs
 
 # %% auto #0
-__all__ = ['TrainingPhase', 'resolve_groups', 'Phases', 'plot_hypers', 'Preview', 'PhaseScheduler', 'OneCycle', 'SGDR', 'FlatCos',
-           'WarmupCosine']
+__all__ = ['TrainingPhase', 'resolve_groups', 'Phases', 'plot_hypers', 'Preview', 'PhaseScheduler', 'check_plan_values',
+           'OneCycle', 'SGDR', 'FlatCos', 'WarmupCosine']
 
 # %% ../nbs/08_phases.ipynb #56b5d0d1
 def _positive_number(x) -> bool:
@@ -191,6 +191,48 @@ class PhaseScheduler(Callback):
     def after_fit(self):
         self.learn.dls, self.learn.loss_func = self.own_dls, self.own_loss_func
 
+# %% ../nbs/08_phases.ipynb #cfd0dfbc
+def _schedule_values(value, n: int, n_groups: int, what: str) -> np.ndarray:
+    "`value`'s values at the `n` iterations of a phase, `(n, n_groups)`; a value that is not a number says where."
+    rows = []
+    for i in range(n):
+        v = value(i / n) if callable(value) else value
+        try:
+            if isinstance(v, (str, bytes, bool)) or v is None: raise TypeError(f"a {type(v).__name__}")
+            rows.append(resolve_groups(v, n_groups))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{what} at iteration {i} is {v!r}: expected a number, one per layer group, or a slice(lo, hi) "
+                            f"({e})") from None
+        if not callable(value): return np.repeat(rows[0][None], n, 0)
+    return np.stack(rows)
+
+def check_plan_values(learn, phases, lengths: list):
+    """Before the first batch: every value each phase gives each hyperparameter (constants, per-group values, slices and
+    every iteration of every schedule), by the rules of the optimizer that phase uses (`check_hyper_value`); every
+    `loss_weights` value finite. The error names the hyperparameter, the phase, the iteration and the valid range."""
+    opt = learn.opt
+    for index, (phase, passes) in enumerate(zip(phases, lengths)):
+        if phase.opt_func is not None: opt = opt.switch(phase.opt_func)
+        n, where = sum(passes), f" in phase {index} ({phase!r})"
+        for name, value in phase.hypers.items():
+            if name == 'betas':
+                raise ValueError(f"betas{where}: set mom (betas[0]) and sqr_mom (betas[1]) instead, each a number or a schedule")
+            key = opt.hyper_location(name)[0]
+            if hyper_range(name, key) is None: continue
+            values = _schedule_values(value, n, opt.n_groups, f"{name}{where}")
+            rule = hyper_range(name, key)
+            low, high, low_in, high_in, _ = rule
+            good = ((values > low) | ((values == low) if low_in else False)) & ((values < high) | ((values == high) if high_in else False))
+            if not good.all():
+                i, g = (int(k) for k in np.argwhere(~good)[0])
+                check_hyper_value(name, float(values[i, g]), key, f"{where} at iteration {i}" + (f", layer group {g}" if opt.n_groups > 1 else ''))
+        for j, weight in enumerate(phase.loss_weights or []):
+            values = _schedule_values(weight, n, 1, f"loss_weights[{j}]{where}")
+            if not np.isfinite(values).all():
+                i = int(np.argwhere(~np.isfinite(values))[0][0])
+                raise ValueError(f"loss_weights[{j}]{where} at iteration {i} is {values[i, 0]}: a weight must be a finite number")
+
+
 # %% ../nbs/08_phases.ipynb #3fe5423b
 def _check_plan(learn, phases: Phases, lengths: list):
     "Fail before training when a phase names a hyperparameter its optimizer lacks, or a value is NaN / negative."
@@ -202,6 +244,7 @@ def _check_plan(learn, phases: Phases, lengths: list):
             loss_func = phase.loss_func if phase.loss_func is not None else learn.loss_func
             if not hasattr(loss_func, 'weights'):
                 raise ValueError(f"loss_weights needs a loss with weighted components (a `weights` attribute); got {loss_func!r}")
+    check_plan_values(learn, phases, lengths)
     for phase, passes in zip(phases, lengths):
         for name, array in Phases([phase])._preview([passes], learn.opt.n_groups).items():
             if np.isnan(array).any():
