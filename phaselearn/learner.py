@@ -366,8 +366,9 @@ def _read_saved(file, device) -> dict:
     try: state = torch.load(file, map_location=device, weights_only=True)
     except Exception as e:
         what = ("it holds pickled Python objects (classes or functions), which weights_only loading refuses so that no code "
-                "from a file ever runs" if 'weights_only' in str(e) or 'Unsupported global' in str(e)
-                else "it is truncated or damaged, or not a file torch.save wrote")
+                "from a file ever runs" if 'Unsupported global' in str(e) else
+                "it is truncated or damaged, or not a file torch.save wrote with tensors and plain values only (pickled Python "
+                "objects are refused so that no code from a file ever runs)")
         raise LoadError(f"cannot load {file}: {what}; expected {_expected_file}") from None
     if isinstance(state, dict) and 'format_version' in state and 'model' in state:
         version = state['format_version']

@@ -318,7 +318,7 @@ def set_hyper(self: OptimWrapper, name: str, value):
 @patch
 def _layer_values(self: OptimWrapper, name, value, tuple_valued):
     "One value per layer group when `value` is a slice or a sequence of them; None for a scalar."
-    if isinstance(value, slice): return spread_values(value, self.n_groups)
+    if isinstance(value, slice): return spread_values(check_hyper_values(name, value), self.n_groups)
     if isinstance(value, (np.ndarray, torch.Tensor)):
         if value.ndim == 0: return None
         if value.ndim > 1 and not tuple_valued: raise ValueError(f"{name}: expected one value per layer group, got an array of shape {tuple(value.shape)}")

@@ -219,6 +219,7 @@ def check_plan_values(learn, phases, lengths: list):
                 raise ValueError(f"betas{where}: set mom (betas[0]) and sqr_mom (betas[1]) instead, each a number or a schedule")
             key = opt.hyper_location(name)[0]
             if hyper_range(name, key) is None: continue
+            if not callable(value): check_hyper_values(name, value, key, where)
             values = _schedule_values(value, n, opt.n_groups, f"{name}{where}")
             rule = hyper_range(name, key)
             low, high, low_in, high_in, _ = rule
@@ -290,6 +291,7 @@ class OneCycle:
                  moms=(0.95, 0.85, 0.95)):
         if not 0 < pct_start < 1: raise ValueError(f"pct_start must be in (0, 1), got {pct_start}")
         if not (div > 0 and div_final > 0): raise ValueError(f"div and div_final must be positive, got {div}, {div_final}")
+        check_hyper_values('lr_max', lr_max, 'lr'); check_hyper_values('moms', list(moms or []), 'momentum')
         self.lr_max, self.div, self.div_final, self.pct_start, self.moms = lr_max, div, div_final, pct_start, moms
 
     def _lr(self, value, factor):
@@ -319,6 +321,7 @@ class SGDR:
     def __init__(self, lr_max, cycle_len=1, cycle_mult=2):
         if not _positive_number(cycle_len) or not _positive_number(cycle_mult):
             raise ValueError(f"cycle_len and cycle_mult must be positive, got {cycle_len}, {cycle_mult}")
+        check_hyper_values('lr_max', lr_max, 'lr')
         self.lr_max, self.cycle_len, self.cycle_mult = lr_max, cycle_len, cycle_mult
     def phases(self, n_cycles: int) -> list:
         return [TrainingPhase(epochs=self.cycle_len * self.cycle_mult ** i, lr=SchedCos(self.lr_max, 0.))
@@ -330,6 +333,7 @@ class FlatCos:
     `lr/div_final`. Works well with optimizers that need no warm-up."""
     def __init__(self, lr, pct_start: float = 0.75, div_final: float = 1e5):
         if not 0 <= pct_start < 1: raise ValueError(f"pct_start must be in [0, 1), got {pct_start}")
+        check_hyper_values('lr', lr)
         self.lr, self.pct_start, self.div_final = lr, pct_start, div_final
     def phases(self, n_epoch) -> list:
         lr = combine_scheds([self.pct_start, 1 - self.pct_start],
@@ -342,6 +346,7 @@ class WarmupCosine:
     `lr_max/div_final`: the usual schedule for transformers and large batches."""
     def __init__(self, lr_max, warmup_pct: float = 0.1, div_final: float = 1e5):
         if not 0 < warmup_pct < 1: raise ValueError(f"warmup_pct must be in (0, 1), got {warmup_pct}")
+        check_hyper_values('lr_max', lr_max, 'lr')
         self.lr_max, self.warmup_pct, self.div_final = lr_max, warmup_pct, div_final
     def phases(self, n_epoch) -> list:
         zero = OneCycle._lr(None, self.lr_max, float('inf'))
