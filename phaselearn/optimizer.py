@@ -222,6 +222,7 @@ def spread_values(value: slice, n: int) -> list:
 
 # %% ../nbs/05_optimizer.ipynb #2c40529e
 _hyper_ranges = {}  # (name, key) -> (low, high, low included, high included, what the value is)
+_unset = object()
 
 def hyper_range(name: str, key: str | None = None) -> tuple | None:
     """`(low, high, low_included, high_included, meaning)`: the values hyperparameter `name` may take when the optimizer
@@ -249,7 +250,8 @@ def check_hyper_value(name: str, value, key: str | None = None, where: str = '')
     """Return `value` when it is a valid value of hyperparameter `name` (see `hyper_range`); otherwise raise a
     `TypeError` (not a number) or `ValueError` (NaN, infinite, out of range) naming `name`, `where` and the valid range.
     Scalars only, except a tuple for `betas`; a plain Python float takes a few comparisons."""
-    rule = _hyper_ranges.get((name, key)) if (name, key) in _hyper_ranges else hyper_range(name, key)
+    rule = _hyper_ranges.get((name, key), _unset)
+    if rule is _unset: rule = hyper_range(name, key)
     if rule is None: return value
     cls = value.__class__
     if cls is float or cls is int:
