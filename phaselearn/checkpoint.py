@@ -4,18 +4,21 @@
 
 # %% ../nbs/19_checkpoint.ipynb #95b99869
 from __future__ import annotations
-import random
+import os, random, warnings
 from pathlib import Path
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler, BatchSampler
 from .core import *
 from .data import *
 from .callback import *
 from .learner import *
+from .learner import _check_weights
+from .phases import PhaseScheduler
 
 # %% auto #0
-__all__ = ['CHECKPOINT_VERSION', 'loader_epoch', 'checkpoint_files', 'CheckpointCallback', 'read_checkpoint', 'ResumeCallback',
-           'resume_from']
+__all__ = ['CHECKPOINT_VERSION', 'loader_epoch', 'loader_replay_state', 'ReplayLoader', 'clean_partial_writes',
+           'checkpoint_files', 'CheckpointCallback', 'read_checkpoint', 'ResumeCallback', 'resume_from']
 
 # %% ../nbs/19_checkpoint.ipynb #f693e72c
 def loader_epoch(dl) -> int | None:
@@ -25,15 +28,64 @@ def loader_epoch(dl) -> int | None:
     sampler = getattr(dl, 'sampler', None)
     return sampler.epoch if isinstance(sampler, EpochSampler) else None
 
+# %% ../nbs/19_checkpoint.ipynb #9c72e7de
+def _order_sampler(dl):
+    "The sampler that orders a plain torch DataLoader's pass (through a default BatchSampler), or None."
+    if not isinstance(dl, DataLoader) or isinstance(dl.dataset, IterableDataset): return None
+    if dl.batch_size is None and type(dl.batch_sampler) is not BatchSampler: return None  # a custom batch_sampler
+    sampler = dl.batch_sampler.sampler if dl.batch_size is None else dl.sampler
+    return sampler if type(sampler) in (RandomSampler, SequentialSampler) else None
+
+def loader_replay_state(dl) -> dict | None:
+    """For a plain torch `DataLoader` (no epoch counter), taken when its pass begins: the generator states that fix
+    the pass's order. A `RandomSampler` without its own generator draws its seed from the global torch generator when the
+    pass starts, so that state is kept; a sampler (or loader) with its own generator has that one kept too.
+    None when `dl` has an epoch counter (see `loader_epoch`) or an order this cannot replay (a custom sampler)."""
+    if loader_epoch(dl) is not None: return None
+    sampler = _order_sampler(dl)
+    if sampler is None: return None
+    state = {'torch': torch.get_rng_state()}
+    generator = getattr(sampler, 'generator', None)
+    if generator is not None: state['sampler'] = generator.get_state()
+    if dl.generator is not None and dl.generator is not generator: state['loader'] = dl.generator.get_state()
+    return state
+
+class ReplayLoader:
+    "The rest of a pass of `dl`: generators set back to `state` (from `loader_replay_state`), the first `skip` batches drawn and dropped."
+    def __init__(self, dl, state: dict, skip: int): self.dl, self.replay_state, self.skip = dl, state, skip
+    def __len__(self): return len(self.dl)
+    def __iter__(self):
+        dl, state = self.dl, self.replay_state
+        torch.set_rng_state(state['torch'])
+        if 'sampler' in state: _order_sampler(dl).generator.set_state(state['sampler'])
+        if 'loader' in state: dl.generator.set_state(state['loader'])
+        batches = iter(dl)
+        for _ in range(self.skip): next(batches)
+        return batches
+
+
 # %% ../nbs/19_checkpoint.ipynb #8fd262ad
 CHECKPOINT_VERSION = 1
 
-def checkpoint_files(learn, fname) -> list:
-    "The checkpoint files of `fname`, newest first (`fname.pt`, `fname.1.pt`, ...), that exist."
+def _checkpoint_base(learn, fname) -> Path:
+    "The newest checkpoint file of `fname`: `path/model_dir/fname.pt`, or `fname` itself when it is a path."
     path = Path(fname)
     if path.suffix == '.pt' or path.is_absolute() or path.parent != Path('.'):
-        base = path if path.suffix == '.pt' else path.with_suffix('.pt')
-    else: base = learn.path / learn.model_dir / f"{fname}.pt"
+        return path if path.suffix == '.pt' else path.with_suffix('.pt')
+    return learn.path / learn.model_dir / f"{fname}.pt"
+
+def clean_partial_writes(base: Path) -> list:
+    "Remove what a write of checkpoint `base` killed half-way left behind (its temporary files); the paths removed."
+    removed = []
+    if not is_main_process() or not base.parent.exists(): return removed
+    for file in base.parent.iterdir():
+        if file.name.startswith((f".{base.stem}.writing.pt", f"..{base.stem}.writing.pt.")) and file.is_file():
+            file.unlink(missing_ok=True); removed.append(file)
+    return removed
+
+def checkpoint_files(learn, fname) -> list:
+    "The checkpoint files of `fname`, newest first (`fname.pt`, `fname.1.pt`, ...), that exist."
+    base = _checkpoint_base(learn, fname)
     files, i = [], 0
     while True:
         file = base if i == 0 else base.with_name(f"{base.stem}.{i}.pt")
@@ -46,6 +98,8 @@ class CheckpointCallback(Callback):
     "Saves what a fit needs to resume exactly, every `every_epochs` epochs and/or `every_iters` batches; keeps `keep` files."
     order, run_in_lr_find = 90, False
     def __init__(self, fname: str = 'checkpoint', every_iters: int | None = None, every_epochs: int | None = 1, keep: int = 2):
+        if not isinstance(fname, (str, os.PathLike)) or not str(fname):
+            raise TypeError(f"fname must be a file name or path (a non-empty str or Path), got {type(fname).__name__} {fname!r}")
         for name, value in (('every_iters', every_iters), ('every_epochs', every_epochs)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
@@ -58,15 +112,22 @@ class CheckpointCallback(Callback):
         "Where the newest checkpoint goes: `learn.path/model_dir/fname.pt` (or `fname` as a path)."
         return self.learn._file(self.fname)
 
+    def before_fit(self):
+        "Count this fit's training batches from zero."
+        self.n_trained = 0
     def before_train(self):
-        "Note the training loader's epoch, so a checkpoint can replay its order."
-        self.epoch_of_loader = loader_epoch(self.learn.dl)
+        "Note the training loader's epoch and how to replay its order, so a checkpoint can resume mid-epoch."
+        dl = self.learn.dl
+        self.epoch_of_loader = loader_epoch(dl)
+        self.replay = dl.replay_state if isinstance(dl, ReplayLoader) else loader_replay_state(dl)
 
     def after_batch(self):
         "Every `every_iters` training batches, write a checkpoint that resumes after this batch."
         learn = self.learn
-        if learn.training and self.every_iters and learn.train_iter % self.every_iters == 0:
-            self.save(learn.epoch, learn.iter + 1, self.epoch_of_loader)
+        if not learn.training: return
+        self.n_trained += 1
+        if self.every_iters and learn.train_iter % self.every_iters == 0:
+            self.save(learn.epoch, learn.iter + 1, self.epoch_of_loader, self.replay)
 
     def after_epoch(self):
         "Every `every_epochs` epochs (but the last), write a checkpoint that resumes at the next epoch."
@@ -74,13 +135,14 @@ class CheckpointCallback(Callback):
         if self.every_epochs and (learn.epoch + 1) % self.every_epochs == 0 and learn.epoch + 1 < learn.n_epoch:
             self.save(learn.epoch + 1, 0, loader_epoch(learn.dls.train))
 
-    def after_fit(self):  # the finished fit: a checkpoint at its very end, so resuming it trains nothing more
+    def after_fit(self):
         "After a finished fit, write a checkpoint at its very end, so resuming it trains nothing more."
         learn = self.learn
-        if self.every_epochs and getattr(learn, 'epoch', 0) == learn.n_epoch - 1 and learn.train_iter == learn.total_iter:
+        if (self.every_epochs and getattr(self, 'n_trained', 0) and getattr(learn, 'epoch', 0) == learn.n_epoch - 1
+                and learn.train_iter == learn.total_iter):
             self.save(learn.n_epoch, 0, loader_epoch(learn.dls.train))
 
-    def state(self, epoch: int, iteration: int, epoch_of_loader) -> dict:
+    def state(self, epoch: int, iteration: int, epoch_of_loader, replay=None) -> dict:
         "Everything `resume=` needs to continue at batch `iteration` of epoch `epoch`."
         learn = self.learn
         callbacks = {}
@@ -90,12 +152,15 @@ class CheckpointCallback(Callback):
         return {'format_version': CHECKPOINT_VERSION, 'kind': 'phaselearn checkpoint',
                 'model': unwrap_model(learn.model).state_dict(), 'opt': learn.opt.state_dict(),
                 'epoch': epoch, 'iter': iteration, 'train_iter': learn.train_iter, 'epoch_lengths': list(learn.epoch_lengths),
-                'loader_epoch': epoch_of_loader, 'rng': rng_state_dict(), 'callbacks': callbacks}
+                'loader_epoch': epoch_of_loader, 'loader_replay': replay, 'loader': type(learn.dls.train).__name__,
+                'rng': rng_state_dict(), 'callbacks': callbacks}
 
-    def save(self, epoch: int, iteration: int, epoch_of_loader) -> Path:
-        "Write a checkpoint atomically, moving older ones down a rank."
+    def save(self, epoch: int, iteration: int, epoch_of_loader, replay=None) -> Path:
+        "Write a checkpoint atomically, with the checksum of its content, moving older ones down a rank."
         if not is_main_process(): return self.file  # under torch.distributed, rank 0 writes
-        file, state = self.file, self.state(epoch, iteration, epoch_of_loader)
+        file, state = self.file, self.state(epoch, iteration, epoch_of_loader, replay)
+        state['checksum'] = state_checksum(state)
+        clean_partial_writes(file)
         tmp = atomic_save(state, file.with_name(f".{file.stem}.writing.pt"))
         for i in range(self.keep - 1, 0, -1):  # fname.{keep-2}.pt -> fname.{keep-1}.pt, ..., fname.pt -> fname.1.pt
             src = file if i == 1 else file.with_name(f"{file.stem}.{i - 1}.pt")
@@ -105,15 +170,21 @@ class CheckpointCallback(Callback):
 
 # %% ../nbs/19_checkpoint.ipynb #92d4a9f5
 def read_checkpoint(learn, name) -> dict:
-    "The newest checkpoint of `name` that loads, or an error naming every file tried and why it failed."
+    """The newest checkpoint of `name` that loads and matches its checksum, with a warning naming the newer files that did
+    not; an error naming every file tried and why it failed when none does. Removes the leftovers of a killed write."""
+    clean_partial_writes(_checkpoint_base(learn, name))
     files, errors = checkpoint_files(learn, name), []
     for file in files:
         try: state = torch.load(file, map_location=learn.device, weights_only=True)
-        except Exception as e: errors.append(f"{file.name}: {type(e).__name__}: {str(e)[:120]}"); continue
+        except Exception as e:
+            errors.append(f"{file.name}: truncated or damaged ({type(e).__name__})"); continue
         if not isinstance(state, dict) or state.get('kind') != 'phaselearn checkpoint':
             errors.append(f"{file.name}: not a phaselearn checkpoint"); continue
-        if state['format_version'] > CHECKPOINT_VERSION:
-            errors.append(f"{file.name}: format version {state['format_version']} is newer than this phaselearn reads"); continue
+        if not isinstance(state.get('format_version'), int) or state['format_version'] > CHECKPOINT_VERSION:
+            errors.append(f"{file.name}: format version {state.get('format_version')!r} is not one this phaselearn reads"); continue
+        if state.get('checksum') != state_checksum(state):
+            errors.append(f"{file.name}: damaged (its content does not match the checksum written with it)"); continue
+        if errors: warnings.warn(f"resuming from {file.name}, an older checkpoint: " + "; ".join(errors), RuntimeWarning)
         state['file'] = str(file)
         return state
     where = learn._file(name) if not files else files[0]
@@ -121,41 +192,72 @@ def read_checkpoint(learn, name) -> dict:
                             + (": " + "; ".join(errors) if errors else ""))
 
 class ResumeCallback(Callback):
-    "Puts a checkpoint's state back into a fit that starts at its position."
+    """Puts a checkpoint's state back into a fit that starts at its position: all of it (checked first, then loaded), then
+    the fit skips what is done. A checkpoint of a finished fit is put back when the (empty) fit ends."""
     order = -40  # after the phase scheduler's before_epoch
     def __init__(self, state: dict):
         self.state, self.start_epoch, self.start_iter = state, state['epoch'], state['iter']
-        self.pending_rng = True
+        self.pending_rng, self.finished = True, state['epoch'] >= len(state['epoch_lengths'])
 
-    def before_epoch(self):
-        "At the resumed epoch, put back the model, optimizer, callbacks' and loader's state."
+    def _restore(self):
+        "Weights, optimizer, counters and callback states, all checked before any is replaced."
         learn, state = self.learn, self.state
-        if learn.epoch != self.start_epoch: return
-        unwrap_model(learn.model).load_state_dict(state['model'])
+        model = unwrap_model(learn.model)
+        _check_weights(model.state_dict(), state['model'], True, state['file'])
+        check_opt_state(learn.opt, state['opt'], state['file'])
+        model.load_state_dict(state['model'])
         learn.opt.load_state_dict(state['opt'])
         learn.train_iter = state['train_iter']
         learn.pct_train = learn.train_iter / learn.total_iter
         by_name = {type(cb).__name__: cb for cb in learn.cbs}
         for name, cb_state in state['callbacks'].items():
             if name in by_name: by_name[name].load_state_dict(cb_state)
+
+    def before_epoch(self):
+        "At the resumed epoch, put back the model, optimizer, counters, callbacks' and loader's state."
+        learn, state = self.learn, self.state
+        if learn.epoch != self.start_epoch: return
+        self._restore()
         if state['loader_epoch'] is not None and loader_epoch(learn.dls.train) is not None:
             set_loader_epoch(learn.dls.train, state['loader_epoch'], self.start_iter)
 
     def before_train(self):
-        "Put back the random generators when the resumed epoch starts at its first batch."
-        if self.pending_rng and self.start_iter == 0 and self.learn.epoch == self.start_epoch: self._restore_rng()
+        "At the resumed epoch, replay the loader's order up to the resumed batch, and put back the random generators."
+        learn = self.learn
+        if learn.epoch != self.start_epoch: return
+        replay = self.state.get('loader_replay')
+        if self.start_iter and replay is not None and loader_epoch(learn.dl) is None: learn.dl = ReplayLoader(learn.dl, replay, self.start_iter)
+        if self.pending_rng and self.start_iter == 0: self._restore_rng()
     def before_batch(self):
         "Put back the random generators before the first resumed batch."
         if self.pending_rng and self.learn.training: self._restore_rng()
     def _restore_rng(self):
         load_rng_state_dict(self.state['rng']); self.pending_rng = False
 
+    def after_fit(self):
+        "A finished fit: nothing trained, so put back the state its end left (the optimizer its last phase ran) now."
+        if not self.finished: return
+        learn = self.learn
+        scheduler = next((cb for cb in learn.cbs if isinstance(cb, PhaseScheduler)), None)
+        if scheduler is not None:  # the optimizer the last phase ran with; then the learner's own data and loss again
+            for index in range(len(scheduler.phases)): scheduler._start_phase(index)
+            learn.dls, learn.loss_func = scheduler.own_dls, scheduler.own_loss_func
+        self._restore()
+        self._restore_rng()
+
 def resume_from(learn, name, epoch_lengths: list) -> ResumeCallback:
-    "A `ResumeCallback` for the newest usable checkpoint of `name`, checked against this fit's plan."
+    "A `ResumeCallback` for the newest usable checkpoint of `name`, checked against this fit's plan and its loader."
     state = read_checkpoint(learn, name)
     if list(state['epoch_lengths']) != list(epoch_lengths):
         raise ValueError(f"{state['file']} was written by a fit of {len(state['epoch_lengths'])} epochs "
                          f"({sum(state['epoch_lengths'])} batches); this fit plans {len(epoch_lengths)} epochs "
                          f"({sum(epoch_lengths)} batches): resume with the same fit call (same epochs, phases, data)")
+    if state['iter'] and state['loader_epoch'] is None and state.get('loader_replay') is None:
+        raise ValueError(f"{state['file']} was written at batch {state['iter']} of epoch {state['epoch']}, and the order of its "
+                         f"training loader ({state.get('loader', 'a loader')} with a sampler that has no epoch counter and no "
+                         f"replayable generator) cannot be replayed, so resuming there would train on other batches: resume "
+                         f"from a checkpoint written at an epoch boundary (CheckpointCallback(every_iters=None)), or build the "
+                         f"loaders with DataLoaders.from_datasets or DataLoaders.from_tensors, whose order is a function of the epoch")
     if learn.opt is None: learn.create_opt()
     return ResumeCallback(state)
+

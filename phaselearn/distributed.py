@@ -4,7 +4,7 @@
 
 # %% ../nbs/17_distributed.ipynb #03c8da03
 from __future__ import annotations
-import math, os, pickle, socket, tempfile, time, warnings
+import contextlib, math, os, pickle, socket, sys, tempfile, time, traceback, warnings
 from datetime import timedelta
 import torch
 import torch.distributed as dist
@@ -18,8 +18,8 @@ from .metrics import *
 from .recorder import *
 
 # %% auto #0
-__all__ = ['setup_distributed', 'teardown_distributed', 'DistributedLoader', 'reduce_metric_accumulators', 'DistributedCallback',
-           'spawn_gloo']
+__all__ = ['setup_distributed', 'teardown_distributed', 'distributed_job', 'DistributedLoader', 'reduce_metric_accumulators',
+           'DistributedCallback', 'spawn_gloo']
 
 # %% ../nbs/17_distributed.ipynb #c2e40c77
 def setup_distributed(backend: str | None = None, timeout: float | None = None) -> bool:
@@ -41,6 +41,30 @@ def teardown_distributed():
     if not is_distributed(): return
     dist.barrier()  # no rank leaves while another still talks to it (gloo aborts on a peer that closed early)
     dist.destroy_process_group()
+
+# %% ../nbs/17_distributed.ipynb #033024b7
+@contextlib.contextmanager
+def distributed_job(backend: str | None = None, timeout: float | None = None):
+    """The body of a training script, under torchrun or in one process: joins the process group (`setup_distributed`)
+    and yields `(rank, world_size)`. A clean end leaves the group together (`teardown_distributed`). An exception on a rank
+    prints its traceback to stderr, naming the rank, and ends that process at once with a non-zero exit code: no barrier,
+    no collective, no interpreter clean-up that could wait on the other ranks. They are blocked in a collective with the
+    failed rank; they fail as its connections close (gloo), and torchrun, seeing a rank exit non-zero, stops the rest
+    (NCCL) and exits non-zero itself, naming the rank that failed first. Without a process group, errors propagate as usual."""
+    joined = setup_distributed(backend, timeout)
+    try: yield rank_and_world_size()
+    except BaseException as e:
+        code = e.code if isinstance(e, SystemExit) else 1
+        if not joined or not is_distributed() or code in (0, None): raise
+        rank, world_size = rank_and_world_size()
+        sys.stdout.flush()
+        sys.stderr.write(f"[rank {rank}/{world_size}] failed with {type(e).__name__}: {e}\n"
+                         f"[rank {rank}/{world_size}] this rank's process ends now, without waiting for the others (if this is "
+                         f"a communication error, another rank failed first: see its traceback)\n{traceback.format_exc()}")
+        sys.stderr.flush()
+        os._exit(code if isinstance(code, int) else 1)
+    teardown_distributed()
+
 
 # %% ../nbs/17_distributed.ipynb #8625dca7
 def _even_order(order: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -345,10 +369,12 @@ def _gloo_worker(rank: int, func, world_size: int, port: int, args: tuple, out_d
     if os.path.exists('/sys/class/net/lo'): os.environ.setdefault('GLOO_SOCKET_IFNAME', 'lo')
     torch.set_num_threads(1)
     setup_distributed('gloo', timeout=timeout)
-    try:
-        result = func(rank, *args)
-        with open(os.path.join(out_dir, f"{rank}.pkl"), 'wb') as f: pickle.dump(result, f)
-    finally: teardown_distributed()
+    try: result = func(rank, *args)
+    except BaseException:  # no barrier after a failure: the other ranks may wait in a collective with this one
+        dist.destroy_process_group()
+        raise
+    with open(os.path.join(out_dir, f"{rank}.pkl"), 'wb') as f: pickle.dump(result, f)
+    teardown_distributed()
 
 def spawn_gloo(func, world_size: int = 2, args: tuple = (), timeout: float = 120.) -> list:
     "Run `func(rank, *args)` on `world_size` CPU processes in a gloo group on 127.0.0.1; the results, by rank."

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_learner.ipynb #5e68911b
 from __future__ import annotations
-import contextlib
+import contextlib, functools, hashlib
 from pathlib import Path
 import torch
 from torch import nn
@@ -17,7 +17,8 @@ from .recorder import *
 from .optimizer import *
 
 # %% auto #0
-__all__ = ['FORMAT_VERSION', 'unwrap_model', 'LoadError', 'Learner', 'GatherPreds', 'in_dataset_order', 'TrainingProgress']
+__all__ = ['FORMAT_VERSION', 'unwrap_model', 'LoadError', 'Learner', 'GatherPreds', 'in_dataset_order', 'TrainingProgress',
+           'state_checksum', 'check_opt_state']
 
 # %% ../nbs/07_learner.ipynb #a60a1c15
 _null_context = contextlib.nullcontext()
@@ -36,15 +37,41 @@ class LoadError(ValueError):
     "A saved file that cannot be loaded: missing pieces, foreign or truncated."
 FORMAT_VERSION = 1
 
+# %% ../nbs/07_learner.ipynb #d6dbfff7
+def _partial_lr(opt_func):
+    "The `lr` a `functools.partial` (or a partial of a partial) gives `opt_func`, or None."
+    while isinstance(opt_func, functools.partial):
+        if 'lr' in opt_func.keywords: return opt_func.keywords['lr']
+        opt_func = opt_func.func
+    return None
+
+def _check_learner_args(dls, opt_func, lr, wd):
+    "Fail on arguments a Learner cannot train with; return the learning rate to use (`lr=None`: the partial's, else 1e-3)."
+    if dls is None or not hasattr(dls, 'train'):
+        raise TypeError(f"dls must be a DataLoaders (a training loader and an optional validation loader), e.g. "
+                        f"DataLoaders.from_tensors(x_train, y_train, x_valid, y_valid) or DataLoaders(train_dl, valid_dl); got {dls!r}")
+    if not callable(opt_func):
+        hint = (f": pass the class, e.g. torch.optim.{opt_func.capitalize() if opt_func.lower() != 'adamw' else 'AdamW'}"
+                if isinstance(opt_func, str) else "")
+        raise TypeError(f"opt_func must be a torch.optim optimizer class or a callable(params, **hypers), got "
+                        f"{type(opt_func).__name__} {opt_func!r}{hint}")
+    if lr is None: lr = _partial_lr(opt_func)
+    if lr is None: lr = 1e-3
+    check_hyper_values('lr', lr)
+    check_hyper_values('wd', wd)
+    return lr
+
+
 # %% ../nbs/07_learner.ipynb #0985fa50
 class Learner:
     "Trains `model` on `dls` with `loss_func` and an optimizer from `opt_func`; see the chapter for every argument."
-    def __init__(self, dls, model: nn.Module, loss_func=None, opt_func=torch.optim.Adam, lr: float = 1e-3,
+    def __init__(self, dls, model: nn.Module, loss_func=None, opt_func=torch.optim.Adam, lr=None,
                  metrics=None, splitter=None, cbs=None, n_inp: int = 1, wd: float = 0.01, true_wd: bool = True,
                  bn_wd: bool = False, bias_wd: bool = False, train_bn: bool = True, path='.', model_dir='models',
                  device=None, default_cbs: bool = True):
         if not isinstance(model, nn.Module): raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(n_inp, int) or n_inp < 1: raise ValueError(f"n_inp must be a positive integer, got {n_inp!r}")
+        lr = _check_learner_args(dls, opt_func, lr, wd)
         self.dls, self.loss_func, self.opt_func, self.lr, self.splitter, self.n_inp = dls, loss_func, opt_func, lr, splitter, n_inp
         self.wd, self.true_wd, self.bn_wd, self.bias_wd, self.train_bn = wd, true_wd, bn_wd, bias_wd, train_bn
         self.path, self.model_dir = Path(path), Path(model_dir)
@@ -382,6 +409,91 @@ def progress(self: Learner) -> TrainingProgress:
                             iter=state.get('iter', 0), train_iter=train_iter, pct_train=state.get('pct_train', 0.),
                             samples=state.get('train_samples', 0))
 
+# %% ../nbs/07_learner.ipynb #7eaa119b
+def state_checksum(state: dict) -> str:
+    """SHA-256 of everything in `state` but its `'checksum'` entry: the nesting, every plain value, and each tensor's
+    dtype, shape and bytes. Stored in saved files and checkpoints; a file whose content changed after writing (a
+    flipped bit on disk, a bad copy) no longer matches."""
+    digest = hashlib.sha256()
+    def walk(o):
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            if t.numel(): digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(o, dict):
+            digest.update(b'{')
+            for k, v in o.items():
+                if o is state and k == 'checksum': continue
+                walk(k); walk(v)
+            digest.update(b'}')
+        elif isinstance(o, (list, tuple)):
+            digest.update(b'[' if isinstance(o, list) else b'(')
+            for v in o: walk(v)
+            digest.update(b']')
+        else: digest.update(f"{type(o).__name__}:{o!r};".encode())
+    walk(state)
+    return digest.hexdigest()
+
+_expected_file = "a file written by learn.save, or a model's weights written by torch.save(model.state_dict())"
+
+def _is_weights(o) -> bool:
+    "A model state dict: a non-empty dict of names to tensors."
+    return isinstance(o, dict) and bool(o) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in o.items())
+
+def _read_saved(file, device) -> dict:
+    "The content of a saved file as `{'format_version', 'model', ['opt']}`, checked; a `LoadError` saying what the file is otherwise."
+    try: state = torch.load(file, map_location=device, weights_only=True)
+    except Exception as e:
+        what = ("it holds pickled Python objects (classes or functions), which weights_only loading refuses so that no code "
+                "from a file ever runs" if 'Unsupported global' in str(e) else
+                "it is truncated or damaged, or not a file torch.save wrote with tensors and plain values only (pickled Python "
+                "objects are refused so that no code from a file ever runs)")
+        raise LoadError(f"cannot load {file}: {what}; expected {_expected_file}") from None
+    if isinstance(state, dict) and 'format_version' in state and 'model' in state:
+        version = state['format_version']
+        if not isinstance(version, int): raise LoadError(f"{file} has a format version of {version!r}, not an integer: the file is damaged")
+        if version > FORMAT_VERSION:
+            raise LoadError(f"{file} was written by a newer phaselearn (format version {version}); this one reads up to "
+                            f"{FORMAT_VERSION}: upgrade phaselearn to load it")
+        if 'checksum' in state and state['checksum'] != state_checksum(state):
+            raise LoadError(f"{file} is damaged: its content does not match the checksum stored when it was written")
+        if not _is_weights(state['model']): raise LoadError(f"{file}: its 'model' entry is not a state dict of tensors; expected {_expected_file}")
+        return state
+    if _is_weights(state): return {'format_version': FORMAT_VERSION, 'model': state}   # torch.save(model.state_dict())
+    kind = (f"a dict with the keys {sorted(map(str, state))[:8]}" if isinstance(state, dict) and state
+            else f"an empty dict" if isinstance(state, dict) else f"a {type(state).__name__}")
+    raise LoadError(f"{file} holds {kind}, not model weights; expected {_expected_file}")
+
+def check_opt_state(opt, saved, file='the optimizer state'):
+    """Raise a `LoadError` when `saved` (an `OptimWrapper` or torch optimizer state dict) does not fit `opt`, before
+    anything is loaded: the decay mode, layer and parameter groups, the optimizer's own keys, the shape of each moment."""
+    what = f"{file}: the optimizer state does not fit this learner's optimizer"
+    if not isinstance(saved, dict) or not ('opt' in saved or 'param_groups' in saved):
+        raise LoadError(f"{what}: it is not an optimizer state dict")
+    inner = saved.get('opt', saved)
+    if saved.get('true_wd', opt.true_wd) != opt.true_wd:
+        raise LoadError(f"{what}: it was saved with true_wd={saved['true_wd']}, this learner has true_wd={opt.true_wd}")
+    if saved.get('n_groups', opt.n_groups) != opt.n_groups:
+        raise LoadError(f"{what}: it has {saved['n_groups']} layer group(s), this learner {opt.n_groups} (use the same splitter)")
+    groups, ours = inner.get('param_groups'), opt.opt.param_groups
+    if not isinstance(groups, list) or len(groups) != len(ours):
+        raise LoadError(f"{what}: it has {len(groups) if isinstance(groups, list) else 'no'} parameter groups, this optimizer "
+                        f"{len(ours)} (build the learner with the same splitter, bn_wd and bias_wd)")
+    moments = inner.get('state', {})
+    for i, (group, own) in enumerate(zip(groups, ours)):
+        if not isinstance(group, dict) or len(group.get('params', ())) != len(own['params']):
+            raise LoadError(f"{what}: parameter group {i} holds {len(group.get('params', ())) if isinstance(group, dict) else '?'} "
+                            f"parameters, this optimizer's {len(own['params'])}")
+        missing = sorted(set(own) - set(group) - {'params', 'decoupled_wd', 'initial_lr'})
+        if missing: raise LoadError(f"{what}: it was written by another optimizer than {type(opt.opt).__name__} (no {missing})")
+        for key, p in zip(group['params'], own['params']):
+            for name, value in (moments.get(key) or {}).items():
+                if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != p.shape:
+                    raise LoadError(f"{what}: its {name!r} for a parameter of shape {tuple(p.shape)} has shape {tuple(value.shape)}")
+    unknown = [name for name in saved.get('hyper_scales', {}) if name not in opt.hyper_names]
+    if unknown: raise LoadError(f"{what}: it scales {unknown}, which this optimizer lacks")
+
+
 # %% ../nbs/07_learner.ipynb #e6a8f982
 @patch
 def _file(self: Learner, name) -> Path:
@@ -396,28 +508,25 @@ def save(self: Learner, name, with_opt: bool = False) -> Path:
     if with_opt:
         if self.opt is None: self.create_opt()
         state['opt'] = self.opt.state_dict()
+    state['checksum'] = state_checksum(state)
     return atomic_save(state, self._file(name))
 
 @patch
 def load(self: Learner, name, strict: bool = True, with_opt=None):
-    "Load weights (and optimizer state when present, or `with_opt=True`) saved by `save`."
+    """Load weights (and optimizer state when present, or `with_opt=True`) saved by `save`, or a plain
+    `torch.save(model.state_dict())`. All or nothing: the weights and the optimizer state are both checked first."""
     file = self._file(name)
     if not file.exists(): raise FileNotFoundError(f"no saved file at {file}")
-    try: state = torch.load(file, map_location=self.device, weights_only=True)
-    except Exception as e:
-        raise LoadError(f"cannot load {file}: not a phaselearn save file (truncated, foreign, or holding pickled "
-                        f"objects that weights_only loading refuses): {type(e).__name__}: {str(e)[:300]}") from e
-    if not isinstance(state, dict) or 'model' not in state or 'format_version' not in state:
-        raise LoadError(f"{file} is not a phaselearn save file (expected a dict with 'format_version' and 'model')")
-    if state['format_version'] > FORMAT_VERSION:
-        raise LoadError(f"{file} has format version {state['format_version']}; this phaselearn reads up to {FORMAT_VERSION}")
-    if with_opt and 'opt' not in state: raise LoadError(f"{file} holds no optimizer state (saved without with_opt=True)")
+    state = _read_saved(file, self.device)
+    if with_opt and 'opt' not in state: raise LoadError(f"{file} holds no optimizer state (it was saved without with_opt=True)")
     model = unwrap_model(self.model)
     _check_weights(model.state_dict(), state['model'], strict, file)
-    model.load_state_dict(state['model'], strict=strict)
-    if with_opt is not False and 'opt' in state:
+    load_opt = with_opt is not False and 'opt' in state
+    if load_opt:
         if self.opt is None: self.create_opt()
-        self.opt.load_state_dict(state['opt'])
+        check_opt_state(self.opt, state['opt'], file)
+    model.load_state_dict(state['model'], strict=strict)
+    if load_opt: self.opt.load_state_dict(state['opt'])
     return self
 
 def _check_weights(current: dict, saved: dict, strict: bool, file):

@@ -76,7 +76,7 @@ class ScheduledLoss:
         self.names, self.losses = _named_losses(losses, 'ScheduledLoss')
         self._weights = _check_weights(weights, self.names, 'ScheduledLoss')
         self._pct, self.learn, self.components, self.last_weights = 0., None, {}, []
-        self._override, self._renewed = None, False
+        self._override, self._renewed, self._checked = None, False, None
 
     @property
     def pct(self) -> float:
@@ -88,6 +88,9 @@ class ScheduledLoss:
     def set_progress(self, learn):
         "Called by `Learner.compute_loss` before every loss computation: `pct = learn.pct_train`; keeps `learn`."
         self.learn, self._pct = learn, learn.pct_train
+        if learn.training and self._checked != (learn.total_iter, id(self._weights)):  # once per fit: the whole schedule
+            self.check_schedules(learn.total_iter)
+            self._checked = (learn.total_iter, id(self._weights))
         if learn.training:
             if self._override is not None and not self._renewed: self._override = None  # the phase that set it has ended
             self._renewed = False
@@ -107,6 +110,16 @@ class ScheduledLoss:
                 raise ValueError(f"each weight must be a number or a schedule (pct -> number), got {w!r} in {values!r}")
         self._override, self._renewed = values, True
 
+    def check_schedules(self, n_iter: int):
+        "Each scheduled weight at every iteration `i` of a fit of `n_iter` batches (`pct = i / n_iter`): a finite number, or a ValueError saying which, where and what."
+        for name, weight in zip(self.names, self._weights):
+            if not callable(weight): continue
+            for i in range(n_iter):
+                value = weight(i / n_iter)
+                if not _is_real(value) or not math.isfinite(value):
+                    raise ValueError(f"ScheduledLoss: the weight of {name!r} ({_describe(weight)}) is {value!r} at iteration {i} of "
+                                     f"{n_iter} (pct={i / n_iter:g}); a weight must be a finite number")
+
     def set_weights(self, weights):
         "Replace the loss's own weights (checked like the constructor's) and drop any override."
         self._weights, self._override = _check_weights(weights, self.names, 'ScheduledLoss'), None
@@ -117,7 +130,10 @@ class ScheduledLoss:
         for name, loss_fn, weight in zip(self.names, self.losses, weights):
             value = loss_fn(pred, *targets)
             if value.ndim != 0: raise ValueError(f"ScheduledLoss: loss {name!r} must return a scalar, got shape {tuple(value.shape)}")
-            if callable(weight): weight = weight(pct)
+            if callable(weight):
+                weight = weight(pct)
+                if not math.isfinite(weight):
+                    raise ValueError(f"ScheduledLoss: the weight of {name!r} ({_describe(weight)}) is {weight!r} at pct={pct:g}; a weight must be a finite number")
             components[name] = value.detach()
             used.append(weight)
             term = value * weight  # tensor first: a numpy weight must not turn the loss into an array

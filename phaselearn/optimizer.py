@@ -12,7 +12,8 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['norm_types', 'unified_hyper_names', 'default_splitter', 'sequential_splitter', 'body_head_splitter',
-           'check_layer_groups', 'OptimWrapper', 'spread_values']
+           'check_layer_groups', 'OptimWrapper', 'spread_values', 'hyper_range', 'check_hyper_value',
+           'check_hyper_values']
 
 # %% ../nbs/05_optimizer.ipynb #6daf9cc3
 def _unique(params):
@@ -219,6 +220,68 @@ def spread_values(value: slice, n: int) -> list:
     if n == 1: return [hi]
     return [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
 
+# %% ../nbs/05_optimizer.ipynb #2c40529e
+_hyper_ranges = {}  # (name, key) -> (low, high, low included, high included, what the value is)
+_unset = object()
+
+def hyper_range(name: str, key: str | None = None) -> tuple | None:
+    """`(low, high, low_included, high_included, meaning)`: the values hyperparameter `name` may take when the optimizer
+    stores it under `key` (its own param-group key, e.g. `'betas'` for Adam's `mom`); None: no rule (any value).
+    Running-average coefficients (Adam's betas, RMSprop's alpha) lie in [0, 1); `lr`, `wd` and momentum are >= 0;
+    `eps` > 0; every value is finite."""
+    cached = _hyper_ranges.get((name, key))
+    if cached is not None or (name, key) in _hyper_ranges: return cached
+    keys = {name, key or name}
+    if 'eps' in keys: rule = (0., math.inf, False, False, 'the epsilon of the denominator')
+    elif keys & {'betas', 'alpha'} or (name == 'sqr_mom' and key is None):
+        rule = (0., 1., True, False, f"a running-average coefficient ({key or name})")
+    elif keys & {'lr', 'wd', 'mom', 'momentum', 'weight_decay', 'decoupled_wd', 'dampening'}:
+        rule = (0., math.inf, True, False, _unified_meaning.get(name, name))
+    else: rule = None
+    _hyper_ranges[(name, key)] = rule
+    return rule
+
+def _range_text(rule) -> str:
+    low, high, low_in, high_in, _ = rule
+    if high == math.inf: return f"a finite number {'>=' if low_in else '>'} {low:g}"
+    return f"a number in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+def check_hyper_value(name: str, value, key: str | None = None, where: str = ''):
+    """Return `value` when it is a valid value of hyperparameter `name` (see `hyper_range`); otherwise raise a
+    `TypeError` (not a number) or `ValueError` (NaN, infinite, out of range) naming `name`, `where` and the valid range.
+    Scalars only, except a tuple for `betas`; a plain Python float takes a few comparisons."""
+    rule = _hyper_ranges.get((name, key), _unset)
+    if rule is _unset: rule = hyper_range(name, key)
+    if rule is None: return value
+    cls = value.__class__
+    if cls is float or cls is int:
+        low, high, low_in, high_in, _ = rule
+        if (low < value or (low_in and value == low)) and (value < high or (high_in and value == high)): return value
+    elif cls is tuple and 'betas' in (name, key):
+        if len(value) != 2: raise ValueError(f"{name}{where} must be a pair (beta1, beta2), got {value!r}; or set mom and sqr_mom")
+        for i, v in enumerate(value): check_hyper_value(f"{name}[{i}]", v, 'betas', where)
+        return value
+    if isinstance(value, (np.generic, torch.Tensor)) and getattr(value, 'ndim', 0) == 0: value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}{where} must be a number (a float), got {type(value).__name__} {value!r}; valid: {_range_text(rule)}")
+    low, high, low_in, high_in, meaning = rule
+    if (low < value or (low_in and value == low)) and (value < high or (high_in and value == high)): return value
+    got = 'NaN' if value != value else f"{value!r} (negative)" if value < 0 else repr(value)
+    raise ValueError(f"{name}{where} must be {_range_text(rule)} ({meaning}), got {got}")
+
+def check_hyper_values(name: str, value, key: str | None = None, where: str = ''):
+    "`check_hyper_value` on a scalar, each entry of a per-group list/array, or both ends of a `slice(lo, hi)`."
+    if isinstance(value, slice):
+        for end in (value.start, value.stop):
+            if end is not None: check_hyper_value(name, end, key, where)
+        return value
+    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim > 0: value = value.tolist()
+    if isinstance(value, list) or (isinstance(value, tuple) and 'betas' not in (name, key)):
+        for v in value: check_hyper_value(name, v, key, where)
+        return value
+    return check_hyper_value(name, value, key, where)
+
+
 # %% ../nbs/05_optimizer.ipynb #0821b4bd
 def _plain(value):
     "A Python scalar for a NumPy scalar or a one-element tensor (`.item()`: a device sync for a CUDA tensor); other values as they are."
@@ -245,7 +308,7 @@ def set_hyper(self: OptimWrapper, name: str, value):
         values = self._layer_values(name, value, tuple_valued)
         if values is not None: return self._set_layer_values(spec, name, values)
         value = _plain(value)
-    if nonneg and not 0 <= value < _inf: _check_range(name, value)
+    check_hyper_value(name, value, key)
     pgs = self.opt.param_groups
     if index is None:
         for i in groups: pgs[i][key] = value
@@ -257,7 +320,7 @@ def set_hyper(self: OptimWrapper, name: str, value):
 @patch
 def _layer_values(self: OptimWrapper, name, value, tuple_valued):
     "One value per layer group when `value` is a slice or a sequence of them; None for a scalar."
-    if isinstance(value, slice): return spread_values(value, self.n_groups)
+    if isinstance(value, slice): return spread_values(check_hyper_values(name, value), self.n_groups)
     if isinstance(value, (np.ndarray, torch.Tensor)):
         if value.ndim == 0: return None
         if value.ndim > 1 and not tuple_valued: raise ValueError(f"{name}: expected one value per layer group, got an array of shape {tuple(value.shape)}")
@@ -274,8 +337,7 @@ def _layer_values(self: OptimWrapper, name, value, tuple_valued):
 def _set_layer_values(self: OptimWrapper, spec, name, values):
     "Write `values[layer]` into every torch group of each layer group."
     key, index, groups, layers, _, nonneg, _ = spec
-    if nonneg:
-        for v in values: _check_range(name, v)
+    for v in values: check_hyper_value(name, v, key)
     pgs = self.opt.param_groups
     for i, layer in zip(groups, layers):
         g, v = pgs[i], values[layer]

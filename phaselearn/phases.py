@@ -19,8 +19,8 @@ from .learner import *
 from .data import _check_bs
 
 # %% auto #0
-__all__ = ['TrainingPhase', 'resolve_groups', 'Phases', 'plot_hypers', 'Preview', 'attr_target', 'PhaseScheduler', 'OneCycle',
-           'SGDR', 'FlatCos', 'WarmupCosine']
+__all__ = ['TrainingPhase', 'resolve_groups', 'Phases', 'plot_hypers', 'Preview', 'attr_target', 'PhaseScheduler',
+           'check_plan_values', 'OneCycle', 'SGDR', 'FlatCos', 'WarmupCosine']
 
 # %% ../nbs/08_phases.ipynb #f30f07e3
 def _real_value(value, where: str) -> float:
@@ -436,6 +436,49 @@ class PhaseScheduler(Callback):
                              f"{len(self.saved)}: resume with the same phases")
         for entry, value in zip(self.saved.values(), values): entry[2] = value
 
+# %% ../nbs/08_phases.ipynb #cfd0dfbc
+def _schedule_values(value, n: int, n_groups: int, what: str) -> np.ndarray:
+    "`value`'s values at the `n` iterations of a phase, `(n, n_groups)`; a value that is not a number says where."
+    rows = []
+    for i in range(n):
+        v = value(i / n) if callable(value) else value
+        try:
+            if isinstance(v, (str, bytes, bool)) or v is None: raise TypeError(f"a {type(v).__name__}")
+            rows.append(resolve_groups(v, n_groups))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{what} at iteration {i} is {v!r}: expected a number, one per layer group, or a slice(lo, hi) "
+                            f"({e})") from None
+        if not callable(value): return np.repeat(rows[0][None], n, 0)
+    return np.stack(rows)
+
+def check_plan_values(learn, phases, lengths: list):
+    """Before the first batch: every value each phase gives each hyperparameter (constants, per-group values, slices and
+    every iteration of every schedule), by the rules of the optimizer that phase uses (`check_hyper_value`); every
+    `loss_weights` value finite. The error names the hyperparameter, the phase, the iteration and the valid range."""
+    opt = learn.opt
+    for index, (phase, passes) in enumerate(zip(phases, lengths)):
+        if phase.opt_func is not None: opt = opt.switch(phase.opt_func)
+        n, where = sum(passes), f" in phase {index} ({phase!r})"
+        for name, value in phase.hypers.items():
+            if name == 'betas':
+                raise ValueError(f"betas{where}: set mom (betas[0]) and sqr_mom (betas[1]) instead, each a number or a schedule")
+            key = opt.hyper_location(name)[0]
+            if hyper_range(name, key) is None: continue
+            if not callable(value): check_hyper_values(name, value, key, where)
+            values = _schedule_values(value, n, opt.n_groups, f"{name}{where}")
+            rule = hyper_range(name, key)
+            low, high, low_in, high_in, _ = rule
+            good = ((values > low) | ((values == low) if low_in else False)) & ((values < high) | ((values == high) if high_in else False))
+            if not good.all():
+                i, g = (int(k) for k in np.argwhere(~good)[0])
+                check_hyper_value(name, float(values[i, g]), key, f"{where} at iteration {i}" + (f", layer group {g}" if opt.n_groups > 1 else ''))
+        for j, weight in enumerate(phase.loss_weights or []):
+            values = _schedule_values(weight, n, 1, f"loss_weights[{j}]{where}")
+            if not np.isfinite(values).all():
+                i = int(np.argwhere(~np.isfinite(values))[0][0])
+                raise ValueError(f"loss_weights[{j}]{where} at iteration {i} is {values[i, 0]}: a weight must be a finite number")
+
+
 # %% ../nbs/08_phases.ipynb #3fe5423b
 def _check_plan(learn, phases: Phases, lengths: list):
     "Fail before training when a phase names a hyperparameter its optimizer lacks, or a value is NaN / negative."
@@ -447,6 +490,7 @@ def _check_plan(learn, phases: Phases, lengths: list):
             loss_func = phase.loss_func if phase.loss_func is not None else learn.loss_func
             if not hasattr(loss_func, 'weights'):
                 raise ValueError(f"loss_weights needs a loss with weighted components (a `weights` attribute); got {loss_func!r}")
+    check_plan_values(learn, phases, lengths)
     for phase, passes in zip(phases, lengths):
         for name, array in Phases([phase])._preview([passes], learn.opt.n_groups).items():
             if np.isnan(array).any():
@@ -492,6 +536,7 @@ class OneCycle:
                  moms=(0.95, 0.85, 0.95)):
         if not 0 < pct_start < 1: raise ValueError(f"pct_start must be in (0, 1), got {pct_start}")
         if not (div > 0 and div_final > 0): raise ValueError(f"div and div_final must be positive, got {div}, {div_final}")
+        check_hyper_values('lr_max', lr_max, 'lr'); check_hyper_values('moms', list(moms or []), 'momentum')
         self.lr_max, self.div, self.div_final, self.pct_start, self.moms = lr_max, div, div_final, pct_start, moms
 
     def _lr(self, value, factor):
@@ -522,6 +567,7 @@ class SGDR:
     def __init__(self, lr_max, cycle_len=1, cycle_mult=2):
         if not _positive_number(cycle_len) or not _positive_number(cycle_mult):
             raise ValueError(f"cycle_len and cycle_mult must be positive, got {cycle_len}, {cycle_mult}")
+        check_hyper_values('lr_max', lr_max, 'lr')
         self.lr_max, self.cycle_len, self.cycle_mult = lr_max, cycle_len, cycle_mult
     def phases(self, n_cycles: int) -> list:
         "`n_cycles` phases of cosine annealing from `lr_max` to 0, the i-th `cycle_len * cycle_mult**i` epochs long."
@@ -534,6 +580,7 @@ class FlatCos:
     `lr/div_final`. Works well with optimizers that need no warm-up."""
     def __init__(self, lr, pct_start: float = 0.75, div_final: float = 1e5):
         if not 0 <= pct_start < 1: raise ValueError(f"pct_start must be in [0, 1), got {pct_start}")
+        check_hyper_values('lr', lr)
         self.lr, self.pct_start, self.div_final = lr, pct_start, div_final
     def phases(self, n_epoch) -> list:
         "The one phase of an `n_epoch`-epoch run: flat lr for `pct_start`, then cosine annealing."
@@ -547,6 +594,7 @@ class WarmupCosine:
     `lr_max/div_final`: the usual schedule for transformers and large batches."""
     def __init__(self, lr_max, warmup_pct: float = 0.1, div_final: float = 1e5):
         if not 0 < warmup_pct < 1: raise ValueError(f"warmup_pct must be in (0, 1), got {warmup_pct}")
+        check_hyper_values('lr_max', lr_max, 'lr')
         self.lr_max, self.warmup_pct, self.div_final = lr_max, warmup_pct, div_final
     def phases(self, n_epoch) -> list:
         "The one phase of an `n_epoch`-epoch run: linear warm-up for `warmup_pct`, then cosine annealing."

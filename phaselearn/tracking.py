@@ -217,15 +217,17 @@ class ReduceLROnPlateau(TrackerCallback):
 
 # %% ../nbs/13_tracking.ipynb #08bdc9eb
 class TerminateOnNaNCallback(Callback):
-    """Stops the fit (`CancelFitException`) when a training batch's loss is NaN or infinite; `message` says where.
-    Opt-in: reading the loss is a host-device sync after every training batch."""
+    """Stops the fit (`CancelFitException`) when a training batch's loss is NaN or infinite, before its backward pass and
+    optimizer step, so the weights stay the last finite ones and the learner can fit again; `message` says where.
+    Opt-in: reading the loss is a host-device sync on every training batch (under DDP the loss is the all-reduced one,
+    so every rank stops at the same batch)."""
     order, run_after, run_in_lr_find = 55, Recorder, False
     def __init__(self): self.message = None
     def before_fit(self):
         "Forget the previous fit's message."
         self.message = None
-    def after_batch(self):
-        "Stop the fit when the training loss is not finite (one sync per batch)."
+    def after_loss(self):
+        "Stop the fit before the backward pass when the training loss is not finite (one sync per batch)."
         learn = self.learn
         if not learn.training or learn.batch_cancelled: return
         loss = float(learn.loss)  # the sync

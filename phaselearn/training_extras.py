@@ -68,6 +68,23 @@ class GradientAccumulation(Callback):
         if self._ddp is not None and self.learn.training and self._accumulating(self.learn.iter): return self._ddp.no_sync()
         return _no_context
 
+    def state_dict(self) -> dict:
+        """The gradients summed so far when the last batch was not the last of its group (a checkpoint written between
+        two batches of one optimizer step carries them, so a resumed fit steps with the whole group's sum); else empty."""
+        if not self._partial or self.learn is None: return {}
+        return {'grads': [None if p.grad is None else p.grad.detach().clone() for p in unwrap_model(self.learn.model).parameters()]}
+
+    def load_state_dict(self, state: dict):
+        grads = (state or {}).get('grads')
+        if grads is None: return
+        params = list(unwrap_model(self.learn.model).parameters())
+        if len(grads) != len(params):
+            raise ValueError(f"GradientAccumulation.load_state_dict: {len(grads)} gradients for a model of {len(params)} parameters")
+        for p, g in zip(params, grads):
+            if g is not None and g.shape != p.shape: raise ValueError(f"a saved gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}")
+        for p, g in zip(params, grads): p.grad = None if g is None else g.to(p.device, p.dtype).clone()
+        self._partial = False  # these are the group's gradients so far: the next pass keeps them
+
     def __repr__(self): return f"GradientAccumulation(n_acc={self.n_acc})"
 
 # %% ../nbs/14_training_extras.ipynb #7ac29d08

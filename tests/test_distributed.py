@@ -236,3 +236,32 @@ def test_torchrun_example_runs_on_cpu():
         assert (Path(d) / 'models' / 'ddp_digits.pt').exists()
     print(f"torchrun example: {seconds:.1f} s")
     assert seconds < 60
+
+
+def test_a_failing_rank_ends_the_torchrun_job_within_seconds():
+    "bench/ddp_digits.py (the recommended pattern, `with distributed_job():`) with rank 1 raising at its 3rd batch under torchrun."
+    import signal, threading
+    env = {**os.environ, 'GLOO_SOCKET_IFNAME': 'lo', 'CUDA_VISIBLE_DEVICES': ''}
+    with tempfile.TemporaryDirectory() as d:
+        process = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                                    str(REPO / 'bench' / 'ddp_digits.py'), '--epochs', '2', '--path', d, '--fail-rank', '1',
+                                    '--fail-at', '3'], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                                   cwd=REPO, start_new_session=True)
+        lines, failed = [], threading.Event()
+        def read():
+            for line in process.stderr:
+                lines.append(line)
+                if 'injected failure on rank 1' in line: failed.set()
+        reader = threading.Thread(target=read, daemon=True); reader.start()
+        try:
+            assert failed.wait(timeout=240), 'rank 1 never raised:\n' + ''.join(lines)[-3000:]
+            seen = time.monotonic()
+            process.wait(timeout=30)   # the bound: a job that waits in a barrier (30 min by default) fails here
+            print(f"failing rank: the job ended {time.monotonic() - seen:.1f} s after rank 1's error was printed")
+        finally:
+            if process.poll() is None: os.killpg(process.pid, signal.SIGKILL)
+            reader.join(timeout=5)
+    stderr = ''.join(lines)
+    assert process.returncode != 0
+    assert '[rank 1/2] failed with RuntimeError: injected failure on rank 1 at training batch 3' in stderr
+    assert 'Traceback (most recent call last)' in stderr and 'rank      : 1' in stderr   # ours, and torchrun's summary
