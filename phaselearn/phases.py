@@ -490,15 +490,7 @@ def _check_plan(learn, phases: Phases, lengths: list):
             loss_func = phase.loss_func if phase.loss_func is not None else learn.loss_func
             if not hasattr(loss_func, 'weights'):
                 raise ValueError(f"loss_weights needs a loss with weighted components (a `weights` attribute); got {loss_func!r}")
-    check_plan_values(learn, phases, lengths)
-    for phase, passes in zip(phases, lengths):
-        for name, array in Phases([phase])._preview([passes], learn.opt.n_groups).items():
-            if np.isnan(array).any():
-                i = int(np.argwhere(np.isnan(array))[0][0])
-                raise ValueError(f"the schedule of {name!r} gives NaN at iteration {i} of {phase!r}")
-            if name in ('lr', 'wd') and (array < 0).any():
-                i = int(np.argwhere(array < 0)[0][0])
-                raise ValueError(f"the schedule of {name!r} gives a negative value ({array[i].min():g}) at iteration {i} of {phase!r}")
+    check_plan_values(learn, phases, lengths)  # every value of every hyperparameter, by its optimizer's rules
 
 def _phase_lengths(learn, phases: Phases) -> list:
     def n_iter_per_epoch(bs): return len((learn.dls.new(bs=bs) if bs else learn.dls).train)
@@ -511,8 +503,8 @@ def fit_phases(self: Learner, phases, cbs=None, resume=None):
     self._check_ready()
     if self.opt is None: self.create_opt()
     lengths = _phase_lengths(self, phases)
-    _learner_preview(self, phases, lengths, list(cbs or []))  # every attribute path and value, checked before training
-    _check_plan(self, phases, lengths)
+    _check_plan(self, phases, lengths)  # every hyperparameter name and value, checked before training
+    _learner_preview(self, phases, lengths, list(cbs or []))  # every attribute path and value too
     scheduler = PhaseScheduler(phases, lengths)
     self._run([n for passes in lengths for n in passes], [scheduler] + list(cbs or []), resume)
 
