@@ -16,3 +16,4 @@ from .widgets import *
 from .training_extras import *
 from .loss import *
 from .distributed import *
+from .compile import *

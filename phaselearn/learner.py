@@ -211,7 +211,8 @@ def _contexts(self: Learner, hook: str):
 @patch
 def create_opt(self: Learner):
     "Build `self.opt`, an `OptimWrapper`, from `opt_func`, the splitter and the hyperparameters."
-    model = getattr(self, 'opt_model', None) or self.model  # a callback may name another model to optimize (fp16's master copy)
+    # a callback may name another model to optimize (fp16's master copy); the splitter sees the model, not a compile/DDP wrapper
+    model = getattr(self, 'opt_model', None) or unwrap_model(self.model)
     self.opt = OptimWrapper(model, self.opt_func, splitter=self.splitter, lr=self.lr, wd=self.wd,
                             true_wd=self.true_wd, bn_wd=self.bn_wd, bias_wd=self.bias_wd, train_bn=self.train_bn)
     return self.opt
