@@ -188,7 +188,9 @@ def one_batch(self: Learner):
 def compute_loss(self: Learner):
     "`loss_func(pred, *yb)`, with an error that names the shapes when they do not fit."
     loss_func = self.loss_func
-    if hasattr(loss_func, 'set_progress'): loss_func.set_progress(self)  # a loss that follows training progress
+    if loss_func is not self.__dict__.get('_hooked_loss'):  # look for the hook once per loss object (hasattr on a Module is slow)
+        self._hooked_loss, self._set_progress = loss_func, getattr(loss_func, 'set_progress', None)
+    if self._set_progress is not None: self._set_progress(self)  # a loss that follows training progress
     try: loss = loss_func(self.pred, *self.yb)
     except (RuntimeError, ValueError, IndexError, TypeError) as e:
         raise type(e)(f"loss_func failed on model output of shape {_shapes([self.pred])} and "
