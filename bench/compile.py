@@ -9,7 +9,7 @@ in 0-d tensors filled each batch, batches gathered from the tensors by a random 
 default callbacks (progress written to a discarded stream) on `DataLoaders.from_tensors`.
 
 Backend: inductor where a C compiler is found (`cc`/`gcc` on PATH, needed for CPU code) or on CUDA, else aot_eager;
-`--backend` overrides. Each side compiles during an untimed first fit; the timed fits follow (median of `--reps`).
+`--backend` overrides. Each side compiles during an untimed first fit; the timed fits follow, interleaved (median of `--reps`).
 
     OMP_NUM_THREADS=1 python bench/compile.py
     python bench/compile.py --device cuda
@@ -113,15 +113,19 @@ def main():
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} thread(s), backend {backend} "
           f"(C compiler {'found' if has_cc else 'not found'}); MLP width {width}, {n} samples, bs {bs}, {epochs} epochs, "
           f"median of {reps}", flush=True)
-    sides = {}
+    runs, sides = {}, {}
     for name in ('hand', 'phaselearn'):
         for compiled in (False, True):
             set_seed(0); model = make_model(width).to(device)
-            run = (hand_fit if name == 'hand' else phaselearn_fit)(model, data, bs, epochs, compiled, backend)
+            run = runs[name, compiled] = (hand_fit if name == 'hand' else phaselearn_fit)(model, data, bs, epochs, compiled, backend)
             first = timed(run, device)  # compiles (when compiled) and warms up
-            times = [timed(run, device) for _ in range(reps)]
-            sides[name, compiled] = statistics.median(times)
-            print(f"  {name:10s} {'compiled' if compiled else 'eager':8s} first fit {first:7.2f}s, then {sides[name, compiled]:.3f}s per fit", flush=True)
+            print(f"  {name:10s} {'compiled' if compiled else 'eager':8s} first fit (compiling) {first:7.2f}s", flush=True)
+    keys, times = list(runs), {key: [] for key in runs}
+    for rep in range(reps):  # interleaved, the order rotated each time: load changes hit every side alike
+        for key in keys[rep % len(keys):] + keys[:rep % len(keys)]: times[key].append(timed(runs[key], device))
+    for key in keys:
+        sides[key] = statistics.median(times[key])
+        print(f"  {key[0]:10s} {'compiled' if key[1] else 'eager':8s} {sides[key]:.3f}s per fit (median)")
     print(f"ratio phaselearn compiled / hand compiled: {sides['phaselearn', True] / sides['hand', True]:.3f}")
     print(f"ratio phaselearn eager / hand eager:       {sides['phaselearn', False] / sides['hand', False]:.3f}")
     print(f"ratio compiled / eager, hand:              {sides['hand', True] / sides['hand', False]:.3f}")
