@@ -8,7 +8,7 @@ momentum 0.95-0.85-0.95), loss accumulated on the device and read once per epoch
 accuracy every epoch. phaselearn runs with its default callbacks; 'progress on' means the bar and the epoch table
 (written to a discarded stream, as the hand loop's tqdm bar is).
 
-Runs: `--rounds` fresh processes (default 7); each warms every case up, then times every case twice in an order
+Runs: `--rounds` fresh processes (default 5); each warms every case up, then times every case twice in an order
 rotated from round to round, keeping the faster of the two; a ratio is taken within a round (same process, same
 minute) and the table shows the median over rounds, of wall time and of process CPU time (the CPU-time ratio is the
 steadier one on a shared machine; the targets are read on wall time). Peak memory: one fresh process per side, the
@@ -275,7 +275,7 @@ ROWS = [  # label, numerator case, denominator case, target (ratio <= target), w
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--quick', action='store_true', help='3 rounds instead of 7')
+    parser.add_argument('--quick', action='store_true', help="3 rounds instead of 5")
     parser.add_argument('--rounds', type=int, default=None, help='fresh processes, each timing every case')
     parser.add_argument('--device', default='cpu', help="'cpu' (default) or 'cuda': every side trains there")
     parser.add_argument('--syncs', action='store_true', help='also count the host reads phaselearn makes per batch')
@@ -291,7 +291,7 @@ def main():
         print(json.dumps(worker(args.worker.split(','), args.shift, repeats=1 if DRY_RUN else 2))); return
     if args.memory_worker:
         print(json.dumps(memory_worker(args.memory_worker))); return
-    rounds = 1 if DRY_RUN else args.rounds or (3 if args.quick else 7)
+    rounds = 1 if DRY_RUN else args.rounds or (3 if args.quick else 5)
     cases = sorted({case for _, a, b, _, _ in ROWS for case in (a, b)})
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}), "
           f"device {DEVICE}{' (' + torch.cuda.get_device_name() + ')' if DEVICE != 'cpu' else ''}, {os.cpu_count()} cores; "
