@@ -92,6 +92,15 @@ def profile(bs=64):
     recorder.before_fit()
     row('train counter', per_call_us(learn.train_eval.after_batch), 0., 'TrainEvalCallback.after_batch')
 
+    # the loss: Learner.compute_loss (shape checks, loss-hook lookup, nn.CrossEntropyLoss module) vs F.cross_entropy
+    row('loss call', per_call_us(learn.compute_loss), per_call_us(lambda: F.cross_entropy(learn.pred, yb)),
+        'Learner.compute_loss with nn.CrossEntropyLoss() vs F.cross_entropy')
+    # per fit, spread over its training batches: the plan check (every scheduled value of the fit computed up front)
+    from phaselearn.phases import _check_plan, _phase_lengths
+    lengths = _phase_lengths(learn, phases)
+    plan_us = per_call_us(lambda: _check_plan(learn, phases, lengths), number=3) / sum(map(sum, lengths))
+    row('plan check (per fit)', plan_us, 0., 'fit_phases\' _check_plan (a preview of every value), per training batch')
+
     # progress: the bar's per-batch call against tqdm's own per-batch update
     progress = learn.progress
     from tqdm.auto import tqdm
@@ -119,9 +128,13 @@ def profile(bs=64):
     hand_w = torch.optim.AdamW(learn.model.parameters(), lr=1e-3, weight_decay=1e-2)
     row('decay (wd=0.01)', per_call_us(opt._decoupled_decay, number=1000), 0., 'one _foreach_mul_ per layer group (AdamW does the same inside its step)')
     opt.set_hyper('wd', 0.)
-    row('optimizer step', per_call_us(opt.step, number=1000), per_call_us(hand_opt.step, number=1000),
-        f'OptimWrapper.step ({len(opt.param_groups)} torch group(s)) vs torch Adam.step')
-    row('zero_grad', per_call_us(opt.zero_grad), per_call_us(hand_opt.zero_grad), 'OptimWrapper.zero_grad vs torch')
+    # the wrapper's own cost around torch's step and zero_grad (the torch work itself is the same on both sides)
+    opt.opt.step, opt.opt.zero_grad = (lambda closure=None: None), (lambda set_to_none=True: None)
+    row('optimizer wrapper', per_call_us(opt.step) + per_call_us(opt.zero_grad), 0.,
+        f'OptimWrapper.step + zero_grad around a no-op torch optimizer ({len(opt.param_groups)} torch group(s))')
+    del opt.opt.step, opt.opt.zero_grad
+    row('(torch Adam.step, for scale)', per_call_us(opt.opt.step, number=1000), per_call_us(hand_opt.step, number=1000),
+        'the same work on both sides: any difference is noise')
 
     # whole batches
     learn.train_iter = 0
@@ -140,8 +153,8 @@ def profile(bs=64):
     print(f"  {'source':26s} {'phaselearn':>10s} {'hand loop':>10s} {'extra':>8s}  what is timed")
     for source, ours, hand, what in rows:
         print(f"  {source:26s} {ours:10.2f} {hand:10.2f} {ours - hand:+8.2f}  {what}")
-    extra = sum(o - h for s, o, h, _ in rows if not s.startswith(('batch fetch (DataLoader)', 'decay (wd=0.01)')))
-    print(f"  {'total overhead':26s} {'':10s} {'':10s} {extra:+8.2f}  sum of the rows but the DataLoader and wd=0.01 ones")
+    extra = sum(o - h for s, o, h, _ in rows if not s.startswith(('batch fetch (DataLoader)', 'decay (wd=0.01)', '(')))
+    print(f"  {'total overhead':26s} {'':10s} {'':10s} {extra:+8.2f}  sum of the rows but the DataLoader, wd=0.01 and (for scale) ones")
     print(f"  {'whole batch, data excluded':26s} {whole_ours:10.2f} {whole_hand:10.2f} {whole_ours - whole_hand:+8.2f}  "
           f"Learner._do_batch vs forward, backward, Adam, OneCycleLR, zero_grad, loss sum")
 
