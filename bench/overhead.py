@@ -1,27 +1,33 @@
 #!/usr/bin/env python
-"""Per-batch overhead of phaselearn against a hand-written PyTorch loop doing the same work, in one process.
+"""Per-batch overhead of phaselearn against hand-written PyTorch loops doing the same work: a table of ratios with
+the issue-13 targets, met or not.
 
-Both sides: same model, data, seed, Adam with weight decay 0 (wd=0 on both sides, so decoupled vs L2 decay does not
-matter), one-cycle schedule (phaselearn: `learn.fit_one_cycle`; by hand: `torch.optim.lr_scheduler.OneCycleLR` with the
-same lr_max, div=25, div_final=1e5, pct_start=0.25, cosine, momentum 0.95-0.85-0.95), loss accumulated on the device
-and read once per epoch, a validation pass with loss and accuracy every epoch. phaselearn runs with its default
-callbacks, progress display on (bar and table, written to a discarded stream). Runs alternate after a warm-up;
-the script prints medians and asserts nothing.
+Every side: same model, data, seed, Adam with weight decay 0, one-cycle schedule (phaselearn: `learn.fit_one_cycle`;
+by hand: `torch.optim.lr_scheduler.OneCycleLR` with the same lr_max, div=25, div_final=1e5, pct_start=0.25, cosine,
+momentum 0.95-0.85-0.95), loss accumulated on the device and read once per epoch, a validation pass with loss and
+accuracy every epoch. phaselearn runs with its default callbacks; 'progress on' means the bar and the epoch table
+(written to a discarded stream, as the hand loop's tqdm bar is).
 
-    python bench/overhead.py            # full run
-    python bench/overhead.py --quick    # fewer repetitions
-    python bench/overhead.py --no-breakdown
+Runs: `--rounds` fresh processes (default 5); each warms every case up, then times every case twice in an order
+rotated from round to round, keeping the faster of the two; a ratio is taken within a round (same process, same
+minute) and the table shows the median over rounds, of wall time and of process CPU time (the CPU-time ratio is the
+steadier one on a shared machine; the targets are read on wall time). Peak memory: one fresh process per side, the
+process's peak resident set during the fit (Linux VmHWM, reset after a warm-up fit), and its rise above the resident
+set before the fit; on CUDA `torch.cuda.max_memory_allocated` the same way. Asserts nothing; set OMP_NUM_THREADS=1 for steadier numbers.
 
-Torch's thread settings are left at their defaults on both sides. (On VMs where OpenMP's spin-waiting stalls, run
-with OMP_WAIT_POLICY=PASSIVE for stable numbers; the setting applies to both sides alike.)
+    OMP_NUM_THREADS=1 python bench/overhead.py             # a few minutes on 2 quiet cores
+    python bench/overhead.py --quick                       # 3 rounds
+    python bench/overhead.py --device cuda                 # every side on the GPU
+    python bench/overhead.py --syncs                       # also count host reads per batch
 """
-import argparse, collections, contextlib, cProfile, io, math, os, pstats, statistics, sys, time, timeit, warnings
+import argparse, collections, contextlib, io, json, math, os, statistics, subprocess, sys, time, warnings
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from torch import nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
 from phaselearn.core import set_seed, to_device
 from phaselearn.data import DataLoaders
 from phaselearn.callback import Callback
@@ -32,12 +38,13 @@ except ImportError: pass
 
 LR_MAX, DIV, DIV_FINAL, PCT_START, MOMS = 1e-2, 25., 1e5, 0.25, (0.95, 0.85, 0.95)
 DEVICE = 'cpu'  # --device
+DRY_RUN = False  # --dry-run: every case built and run on a few batches, numbers meaningless
 
 
 # ---------------------------------------------------------------- the two sides
 
-def hand_fit(model, train_dl, valid_dl, epochs):
-    "The hand-written loop: Adam + OneCycleLR, device-side loss/accuracy accumulation, one read per epoch."
+def hand_fit(model, train_dl, valid_dl, epochs, bar=False):
+    "The hand-written loop: Adam + OneCycleLR, device-side loss/accuracy accumulation, one read per epoch; `bar`: a tqdm bar per pass."
     opt = torch.optim.Adam(model.parameters(), lr=LR_MAX / DIV, betas=(MOMS[0], 0.999), weight_decay=0.)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=LR_MAX, total_steps=epochs * len(train_dl), pct_start=PCT_START, anneal_strategy='cos',
@@ -47,7 +54,7 @@ def hand_fit(model, train_dl, valid_dl, epochs):
     for epoch in range(epochs):
         model.train()
         train_total, train_count = torch.zeros((), device=device), 0
-        for xb, yb in train_dl:
+        for xb, yb in (tqdm(train_dl, leave=False) if bar else train_dl):
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             loss = F.cross_entropy(model(xb), yb)
             loss.backward()
@@ -56,7 +63,7 @@ def hand_fit(model, train_dl, valid_dl, epochs):
         model.eval()
         valid_total, correct, valid_count = torch.zeros((), device=device), torch.zeros((), device=device), 0
         with torch.no_grad():
-            for xb, yb in valid_dl:
+            for xb, yb in (tqdm(valid_dl, leave=False) if bar else valid_dl):
                 xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                 pred = model(xb)
                 valid_total += F.cross_entropy(pred, yb) * len(yb)
@@ -122,7 +129,8 @@ class HandGather:
     def __init__(self, x, y, bs, shuffle): self.x, self.y, self.bs, self.shuffle = x, y, bs, shuffle
     def __len__(self): return math.ceil(len(self.x) / self.bs)
     def __iter__(self):
-        order = torch.randperm(len(self.x)) if self.shuffle else torch.arange(len(self.x))
+        n, device = len(self.x), self.x.device
+        order = torch.randperm(n, device=device) if self.shuffle else torch.arange(n, device=device)
         for i in range(len(self)):
             idx = order[i * self.bs:(i + 1) * self.bs]
             yield self.x[idx], self.y[idx]
@@ -132,7 +140,7 @@ def torch_loaders(x, y, xv, yv, bs):
             DataLoader(TensorDataset(xv, yv), batch_size=2 * bs, shuffle=False))
 
 
-# ---------------------------------------------------------------- timing
+# ---------------------------------------------------------------- cases and timing
 
 @contextlib.contextmanager
 def discard_output():
@@ -142,38 +150,78 @@ def _sync():
     if DEVICE != 'cpu': torch.cuda.synchronize()
 
 def time_run(fn):
+    "Wall and process CPU seconds of `fn()`, output discarded."
     with discard_output():
-        _sync(); start = time.perf_counter(); fn(); _sync(); return time.perf_counter() - start
+        _sync(); wall, cpu = time.perf_counter(), time.process_time()
+        fn(); _sync()
+        return time.perf_counter() - wall, time.process_time() - cpu
 
-def compare(title, model_fn, data, bs, epochs, reps, fast_path, one_group=False, hand_gather=False):
-    """Interleaved runs after a warm-up of each side; prints the median ratio and the overhead per batch.
-    `hand_gather`: the 'phaselearn' side is replaced by the hand loop on `HandGather` batches (the reference ceiling)."""
-    x, y, xv, yv = data
-    def hand():
-        set_seed(0); model = model_fn(); train_dl, valid_dl = torch_loaders(x, y, xv, yv, bs)
-        return time_run(lambda: hand_fit(model, train_dl, valid_dl, epochs))
-    def ours():
-        set_seed(0); model = model_fn()
-        if hand_gather:
-            train_dl, valid_dl = HandGather(x, y, bs, True), HandGather(xv, yv, 2 * bs, False)
-            return time_run(lambda: hand_fit(model, train_dl, valid_dl, epochs))
-        dls = (DataLoaders.from_tensors(x, y, xv, yv, bs=bs, seed=0, device=DEVICE) if fast_path
-               else DataLoaders(*torch_loaders(x, y, xv, yv, bs)))
-        learn = make_learner(model, dls, one_group)
-        return time_run(lambda: phaselearn_fit(learn, epochs))
-    hand(); ours()  # warm-up
-    hand_times, our_times = [], []
-    for i in range(reps):
-        for side, times in ((hand, hand_times), (ours, our_times)) if i % 2 == 0 else ((ours, our_times), (hand, hand_times)):
-            times.append(side())
-    n_batches = epochs * (math.ceil(len(x) / bs) + math.ceil(len(xv) / (2 * bs)))
-    ratios = [o / h for o, h in zip(our_times, hand_times)]
-    overhead_us = [(o - h) / n_batches * 1e6 for o, h in zip(our_times, hand_times)]
-    print(f"{title}\n  hand {statistics.median(hand_times):.3f}s  phaselearn {statistics.median(our_times):.3f}s  "
-          f"({reps} interleaved runs, {n_batches} batches each)\n"
-          f"  median wall ratio {statistics.median(ratios):.3f}  (min {min(ratios):.3f}, max {max(ratios):.3f});  "
-          f"overhead {statistics.median(overhead_us):+.1f} us/batch", flush=True)
-    return statistics.median(ratios)
+PROBLEMS = {  # name: (model factory, data factory, bs, epochs)
+    'mlp': (mlp, mlp_data, 64, 3),
+    'cnn': (cnn, cnn_data, 64, 2),
+}
+SIDES = ('hand', 'hand_tqdm', 'hand_gather', 'ours_quiet', 'ours', 'fast_quiet', 'fast')
+_data_cache = {}
+
+def build(case):
+    "A zero-argument function running one whole fit of `case` ('problem/side'), everything built beforehand."
+    problem, side = case.split('/')
+    model_fn, data_fn, bs, epochs = PROBLEMS[problem]
+    if problem not in _data_cache: _data_cache[problem] = data_fn()
+    x, y, xv, yv = _data_cache[problem]
+    if DRY_RUN: x, y, xv, yv, epochs = x[:2 * bs], y[:2 * bs], xv[:2 * bs], yv[:2 * bs], 1
+    set_seed(0); model = model_fn()
+    if side.startswith('hand'):
+        if side == 'hand_gather':
+            xd, yd, xvd, yvd = (t.to(DEVICE) for t in (x, y, xv, yv))
+            train_dl, valid_dl = HandGather(xd, yd, bs, True), HandGather(xvd, yvd, 2 * bs, False)
+        else: train_dl, valid_dl = torch_loaders(x, y, xv, yv, bs)
+        return lambda: hand_fit(model, train_dl, valid_dl, epochs, bar=side == 'hand_tqdm')
+    dls = (DataLoaders.from_tensors(x, y, xv, yv, bs=bs, seed=0, device=DEVICE) if side.startswith('fast')
+           else DataLoaders(*torch_loaders(x, y, xv, yv, bs)))
+    learn = make_learner(model, dls)
+    if side.endswith('quiet'): learn.progress.show_bar = learn.progress.show_table = False
+    return lambda: phaselearn_fit(learn, epochs)
+
+def worker(cases, order_shift, repeats=2):
+    "One round: warm every case up, then time each `repeats` times in a rotated order; the best time of each case."
+    runs = {case: build(case) for case in cases}
+    for case in cases: time_run(runs[case])
+    runs = {case: build(case) for case in cases}  # fresh models and optimizers for the timed runs
+    best = {case: (math.inf, math.inf) for case in cases}
+    order = cases[order_shift % len(cases):] + cases[:order_shift % len(cases)]
+    for r in range(repeats):
+        for case in (order if r % 2 == 0 else order[::-1]):
+            wall, cpu = time_run(runs[case])
+            best[case] = (min(best[case][0], wall), min(best[case][1], cpu))
+    return best
+
+def _peak_rss_kib():
+    with open('/proc/self/status') as f:
+        fields = dict(line.split(':', 1) for line in f)
+    return int(fields['VmHWM'].split()[0]), int(fields['VmRSS'].split()[0])
+
+def memory_worker(case):
+    "Peak memory of the process during one fit of `case`, and its rise above the memory held before the fit (bytes)."
+    time_run(build(case))  # warm-up: allocator pools, lazy imports
+    run = build(case)
+    if DEVICE != 'cpu':
+        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); before = torch.cuda.memory_allocated()
+        time_run(run)
+        return torch.cuda.max_memory_allocated(), torch.cuda.max_memory_allocated() - before
+    with open('/proc/self/clear_refs', 'w') as f: f.write('5')  # reset VmHWM to the current resident set
+    _, before = _peak_rss_kib()
+    time_run(run)
+    peak, _ = _peak_rss_kib()
+    return peak * 1024, (peak - before) * 1024
+
+
+def in_fresh_process(args, env_extra=None):
+    out = subprocess.run([sys.executable, __file__, '--device', DEVICE] + (['--dry-run'] if DRY_RUN else []) + args,
+                         capture_output=True, text=True,
+                         env={**os.environ, **(env_extra or {})})
+    if out.returncode != 0: raise RuntimeError(f"worker {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------- syncs
@@ -211,153 +259,75 @@ def sync_report(data, bs, epochs):
           f"({total / epochs:.1f} per epoch) {dict(counts)}")
 
 
-# ---------------------------------------------------------------- per-batch breakdown
+# ---------------------------------------------------------------- the table
 
-def per_call_us(fn, number=2000, repeat=5):
-    return min(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e6
-
-def breakdown(data, bs):
-    "Micro-timings of each piece of a training batch, on a learner in the middle of a fit (fast path, MLP)."
-    x, y, xv, yv = data
-    set_seed(0)
-    learn = make_learner(mlp(), DataLoaders.from_tensors(x, y, xv, yv, bs=bs, seed=0, device=DEVICE))
-    with discard_output(): phaselearn_fit(learn, 1)
-    learn.opt.set_hyper('wd', 0.)
-    xb, yb = x[:bs].to(DEVICE), y[:bs].to(DEVICE)
-    learn.model.train()
-    learn.training, learn.epoch, learn.iter, learn.n_iter, learn.train_iter, learn.total_iter = True, 0, 0, 10**9, 0, 10**9
-    learn.xb, learn.yb = (xb,), (yb,)
-    learn.pred = learn.model(xb); learn.loss_grad = learn.compute_loss(); learn.loss = learn.loss_grad.detach()
-    rows = []
-    def add(name, us, note=''): rows.append((name, us, note))
-    # the data
-    it = iter(learn.dls.train); n = len(learn.dls.train)
-    def next_fast():
-        nonlocal it
-        try: return next(it)
-        except StopIteration: it = iter(learn.dls.train); return next(it)
-    add('TensorLoader batch (fast path: one gather per tensor)', per_call_us(next_fast, number=n * 3))
-    tensors, idx = learn.dls.train.tensors, torch.randperm(len(x), device=learn.dls.train.tensors[0].device)[:bs]
-    add('  the gathers alone: t[idx] for x and y', per_call_us(lambda: tuple(t[idx] for t in tensors)))
-    add('  the same with torch.index_select(t, 0, idx)', per_call_us(lambda: tuple(torch.index_select(t, 0, idx) for t in tensors)))
-    torch_dl = DataLoader(TensorDataset(x, y), batch_size=bs, shuffle=True)
-    tit = iter(torch_dl)
-    def next_torch():
-        nonlocal tit
-        try: return next(tit)
-        except StopIteration: tit = iter(torch_dl); return next(tit)
-    add('torch DataLoader batch (TensorDataset, per-sample collate)', per_call_us(next_torch, number=n))
-    batch = (xb, yb)
-    add('to_device(batch) (already on the device)', per_call_us(lambda: to_device(batch, learn.device)))
-    add('tuple slicing of xb / yb', per_call_us(lambda: (tuple(batch[:1]), tuple(batch[1:]))))
-    # dispatch
-    add('one event dispatch with no handler  (x8 events per train batch)', per_call_us(lambda: learn('after_pred')))
-    def contexts():
-        with learn._contexts('batch_context'):
-            with learn._contexts('forward_context'): pass
-    add('_contexts x2 and their two (null) with-blocks', per_call_us(contexts))
-    add('compute_loss wrapper (beyond loss_func)', per_call_us(learn.compute_loss) - per_call_us(lambda: learn.loss_func(learn.pred, yb)))
-    add('loss_grad.detach()', per_call_us(lambda: learn.loss_grad.detach()))
-    # model and optimizer work, for scale
-    add('forward + loss (model work, for scale)', per_call_us(lambda: F.cross_entropy(learn.model(xb), yb), number=500))
-    def fwd_bwd():
-        F.cross_entropy(learn.model(xb), yb).backward()
-    add('forward + loss + backward (model work, for scale)', per_call_us(fwd_bwd, number=300))
-    fwd_bwd()
-    opt = learn.opt
-    one_group = torch.optim.Adam([p for group in opt.param_groups for p in group['params']], lr=1e-3, betas=(0.95, 0.999))
-    add(f'torch Adam.step(), the wrapper\'s {len(opt.param_groups)} param groups (decayed / exempt)',
-        per_call_us(lambda: opt.opt.step(), number=500))
-    add('torch Adam.step(), the same parameters in 1 param group (hand side)', per_call_us(lambda: one_group.step(), number=500))
-    add('OptimWrapper.step() beyond the inner step: _decoupled_decay, wd=0', per_call_us(opt._decoupled_decay))
-    opt.set_hyper('wd', 0.01)
-    add('OptimWrapper.step() beyond the inner step: _decoupled_decay, wd=0.01', per_call_us(opt._decoupled_decay, number=500))
-    opt.set_hyper('wd', 0.)
-    add('OptimWrapper.zero_grad() (grads already None)', per_call_us(lambda: opt.zero_grad()))
-    add('torch Optimizer.zero_grad() (hand side, same state)', per_call_us(lambda: one_group.zero_grad()))
-    add('opt.set_hyper(lr, float)', per_call_us(lambda: opt.set_hyper('lr', 1e-3)))
-    add('opt.set_hyper(mom, float) (rebuilds the betas tuple)', per_call_us(lambda: opt.set_hyper('mom', 0.9)))
-    hand_opt = torch.optim.Adam(learn.model.parameters(), lr=1e-3)
-    one_cycle = torch.optim.lr_scheduler.OneCycleLR(hand_opt, max_lr=LR_MAX, total_steps=10**8)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        add('hand side: OneCycleLR.step() (for comparison)', per_call_us(one_cycle.step))
-    try:
-        from phaselearn.phases import PhaseScheduler, OneCycle, Phases
-        phases = Phases(OneCycle(LR_MAX).phases(3))
-        sched_cb = PhaseScheduler(phases, phases.lengths(len(learn.dls.train)))
-        sched_cb.learn = learn; sched_cb.before_fit(); learn.epoch = 0; sched_cb.before_epoch()
-        add('PhaseScheduler.before_batch (OneCycle: lr + mom schedules)', per_call_us(sched_cb.before_batch))
-    except ImportError: pass
-    # callbacks
-    for cb in learn.cbs:
-        if getattr(type(cb), 'after_batch', None) is not None:
-            if type(cb).__name__ == 'ProgressCallback':
-                with discard_output():
-                    cb.before_fit(); cb.before_train(); us = per_call_us(cb.after_batch, number=20000); cb._close_bar()
-                add('ProgressCallback.after_batch (bar open, throttled)', us)
-            elif type(cb).__name__ == 'Recorder':
-                add('Recorder.after_batch (train)', per_call_us(cb.after_batch))
-                learn.training = False
-                add('Recorder.after_batch (valid, + accuracy)', per_call_us(cb.after_batch)); learn.training = True
-                cb.before_fit()
-            else: add(f'{type(cb).__name__}.after_batch', per_call_us(cb.after_batch))
-    # whole batch
-    learn.train_iter = 0
-    def whole():
-        learn.iter = 0; learn._do_batch(batch)
-    add('Learner._do_batch, whole training batch (fast path data excluded)', per_call_us(whole, number=500))
-    def hand_batch():
-        loss = F.cross_entropy(learn.model(xb), yb); loss.backward(); hand_opt.step(); one_cycle.step(); hand_opt.zero_grad()
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        add('hand batch: forward, loss, backward, Adam, OneCycleLR, zero_grad', per_call_us(hand_batch, number=500))
-    print(f"\nper-batch cost breakdown (us of host time per call, min of 5 repeats; MLP 20->32->2, bs 64, {DEVICE}):")
-    for name, us, note in rows: print(f"  {us:8.2f}  {name}" + (f"  [{note}]" if note else ''))
-    # cProfile of a whole fit, for the record
-    set_seed(0)
-    learn = make_learner(mlp(), DataLoaders.from_tensors(x, y, xv, yv, bs=bs, seed=0, device=DEVICE))
-    with discard_output(): phaselearn_fit(learn, 1)
-    profiler = cProfile.Profile()
-    with discard_output():
-        profiler.enable(); phaselearn_fit(learn, 2); profiler.disable()
-    out = io.StringIO()
-    pstats.Stats(profiler, stream=out).sort_stats('tottime').print_stats(18)
-    print("\ncProfile of fit_one_cycle(2), fast path, by own time (profiling inflates Python calls):")
-    print('\n'.join(line for line in out.getvalue().splitlines()[6:] if line.strip()))
-
+ROWS = [  # label, numerator case, denominator case, target (ratio <= target), what the target means
+    ('hand loop + tqdm bar / hand loop', 'mlp/hand_tqdm', 'mlp/hand', None, 'what a bar costs by hand'),
+    ('hand gather loop / hand loop', 'mlp/hand_gather', 'mlp/hand', None, 'no DataLoader: randperm + indexing'),
+    ('phaselearn, progress off / hand loop', 'mlp/ours_quiet', 'mlp/hand', None, 'same torch DataLoader'),
+    ('phaselearn, progress on / hand loop', 'mlp/ours', 'mlp/hand', 1.03, 'same DataLoader, default callbacks'),
+    ('phaselearn, progress on / hand + tqdm', 'mlp/ours', 'mlp/hand_tqdm', None, 'display against display'),
+    ('fast path, progress off / gather loop', 'mlp/fast_quiet', 'mlp/hand_gather', None, 'DataLoaders.from_tensors'),
+    ('fast path, progress on / gather loop', 'mlp/fast', 'mlp/hand_gather', 1.10, 'from_tensors vs hand gathers'),
+    ('CNN: phaselearn / hand loop', 'cnn/ours', 'cnn/hand', 1.02, 'compute-bound, same DataLoader'),
+    ('CNN: fast path / gather loop', 'cnn/fast', 'cnn/hand_gather', 1.02, 'compute-bound, in memory'),
+]
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--quick', action='store_true', help='fewer repetitions')
-    parser.add_argument('--no-breakdown', action='store_true', help='skip the per-batch breakdown and profile')
-    parser.add_argument('--device', default='cpu', help="'cpu' (default) or 'cuda': both sides train there")
+    parser.add_argument('--quick', action='store_true', help="3 rounds instead of 5")
+    parser.add_argument('--rounds', type=int, default=None, help='fresh processes, each timing every case')
+    parser.add_argument('--device', default='cpu', help="'cpu' (default) or 'cuda': every side trains there")
+    parser.add_argument('--syncs', action='store_true', help='also count the host reads phaselearn makes per batch')
+    parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory rows')
+    parser.add_argument('--dry-run', action='store_true', help='one round, every case on 2 batches: checks that everything runs')
+    parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
+    parser.add_argument('--memory-worker', default=None, help=argparse.SUPPRESS)
+    parser.add_argument('--shift', type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global DEVICE
-    DEVICE = args.device
-    reps_a, reps_b = (3, 2) if args.quick else (9, 3)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
-          f"device {DEVICE}{' (' + torch.cuda.get_device_name() + ')' if DEVICE != 'cpu' else ''}; schedule: "
-          f"{'learn.fit_one_cycle' if hasattr(Learner, 'fit_one_cycle') else 'fallback OneCycle callback (fit_one_cycle missing)'}"
-          f" vs torch OneCycleLR; Adam, wd=0 on both sides")
-    data = mlp_data()
-    a1 = compare("(a) MLP 20->32->2, 20,000 train + 5,000 valid samples, bs 64, 3 epochs + validation; same torch DataLoader on both sides",
-                 mlp, data, 64, 3, reps_a, fast_path=False)
-    if not args.quick:
-        compare("(a') as (a) same DataLoader, but bias_wd=True: the wrapper's torch param groups 2 -> 1, as in the hand loop "
-                "(wd=0, so the training is the same)", mlp, data, 64, 3, reps_a, fast_path=False, one_group=True)
-    a2 = compare("(a) same, phaselearn on its in-memory fast path (DataLoaders.from_tensors) vs the hand loop's DataLoader",
-                 mlp, data, 64, 3, reps_a, fast_path=True)
-    if not args.quick:
-        compare("(ref) the hand loop itself on hand-written in-memory gathers vs the same hand loop on its DataLoader "
-                "(the best an in-memory path can do here: the 'phaselearn' column is the hand gather loop)",
-                mlp, data, 64, 3, reps_a, fast_path=False, hand_gather=True)
-    b = compare("(b) small CNN, 4,000 1x28x28 images, bs 64, 2 epochs + validation; same torch DataLoader",
-                cnn, cnn_data(), 64, 2, reps_b, fast_path=False)
-    print(f"\ntargets: (a) same DataLoader {a1:.3f} (target <= 1.05), (a) fast path {a2:.3f} (<= 0.70), "
-          f"(b) {b:.3f} (<= 1.02)")
-    sync_report(data, 64, 3)
-    if not args.no_breakdown: breakdown(data, 64)
+    global DEVICE, DRY_RUN
+    DEVICE, DRY_RUN = args.device, args.dry_run
+    if args.worker:
+        print(json.dumps(worker(args.worker.split(','), args.shift, repeats=1 if DRY_RUN else 2))); return
+    if args.memory_worker:
+        print(json.dumps(memory_worker(args.memory_worker))); return
+    rounds = 1 if DRY_RUN else args.rounds or (3 if args.quick else 5)
+    cases = sorted({case for _, a, b, _, _ in ROWS for case in (a, b)})
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}), "
+          f"device {DEVICE}{' (' + torch.cuda.get_device_name() + ')' if DEVICE != 'cpu' else ''}, {os.cpu_count()} cores; "
+          f"{rounds} rounds of fresh processes, each case timed twice per round (best kept)", flush=True)
+    results = []
+    for r in range(rounds):
+        results.append(in_fresh_process(['--worker', ','.join(cases), '--shift', str(r)]))
+        print(f"  round {r + 1}/{rounds} done", flush=True)
+    sizes = {'mlp': (20_000, 5_000), 'cnn': (4_000, 1_000)}  # train, valid samples of mlp_data, cnn_data
+    n_batches = {p: e * (math.ceil(sizes[p][0] / bs) + math.ceil(sizes[p][1] / (2 * bs))) for p, (_, _, bs, e) in PROBLEMS.items()}
+    if DRY_RUN: n_batches = {p: 3 for p in PROBLEMS}
+    print(f"\n{'ratio (median over rounds)':42s} {'wall':>6s} {'cpu':>6s} {'target':>7s}  {'':8s} us/batch  note")
+    met_all = True
+    for label, a, b, target, note in ROWS:
+        wall = statistics.median(res[a][0] / res[b][0] for res in results)
+        cpu = statistics.median(res[a][1] / res[b][1] for res in results)
+        extra_us = statistics.median((res[a][0] - res[b][0]) for res in results) / n_batches[a.split('/')[0]] * 1e6
+        verdict = '' if target is None else ('met' if wall <= target else 'NOT MET')
+        met_all &= verdict != 'NOT MET'
+        print(f"{label:42s} {wall:6.3f} {cpu:6.3f} {'<= %.2f' % target if target else '':>7s}  {verdict:8s} {extra_us:+8.1f}  {note}")
+    for problem in PROBLEMS:
+        print(f"  {problem}: hand loop {statistics.median(res[problem + '/hand'][0] for res in results):.3f}s wall per fit, "
+              f"{n_batches[problem]} batches")
+    if not args.no_memory and not DRY_RUN:
+        unit = 'MiB, cuda max_memory_allocated' if DEVICE != 'cpu' else 'MiB, peak resident set'
+        for ours, hand in (('mlp/ours', 'mlp/hand'), ('mlp/fast', 'mlp/hand_gather'), ('cnn/ours', 'cnn/hand')):
+            peaks = {case: in_fresh_process(['--memory-worker', case]) for case in (hand, ours)}
+            (peak_ours, rise_ours), (peak_hand, rise_hand) = peaks[ours], peaks[hand]
+            ratio = peak_ours / peak_hand
+            verdict = 'met' if ratio <= 1.02 else 'NOT MET'
+            met_all &= verdict == 'met'
+            print(f"peak memory {ours} / {hand}: {peak_ours / 2**20:.1f} / {peak_hand / 2**20:.1f} {unit} = {ratio:.3f} "
+                  f"(target <= 1.02) {verdict};  rise during the fit {rise_ours / 2**20:.2f} / {rise_hand / 2**20:.2f} MiB")
+    print(f"\nall targets {'met' if met_all else 'NOT all met'} in this run (noisy machines: rerun, compare the cpu column)")
+    if args.syncs: sync_report(mlp_data(), 64, 3)
+    print("per-batch costs by source: python bench/profile_batch.py")
 
 
 if __name__ == '__main__': main()

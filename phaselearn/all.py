@@ -19,3 +19,4 @@ from .distributed import *
 from .tracking import *
 from .demo import *
 from .docs import *
+from .compile import *

@@ -221,7 +221,9 @@ def one_batch(self: Learner):
 def compute_loss(self: Learner):
     "`loss_func(pred, *yb)`, with an error that names the shapes when they do not fit."
     loss_func = self.loss_func
-    if hasattr(loss_func, 'set_progress'): loss_func.set_progress(self)  # a loss that follows training progress
+    if loss_func is not self.__dict__.get('_hooked_loss'):  # look for the hook once per loss object (hasattr on a Module is slow)
+        self._hooked_loss, self._set_progress = loss_func, getattr(loss_func, 'set_progress', None)
+    if self._set_progress is not None: self._set_progress(self)  # a loss that follows training progress
     try: loss = loss_func(self.pred, *self.yb)
     except (RuntimeError, ValueError, IndexError, TypeError) as e:
         raise type(e)(f"loss_func failed on model output of shape {_shapes([self.pred])} and "
@@ -244,7 +246,8 @@ def _contexts(self: Learner, hook: str):
 @patch
 def create_opt(self: Learner):
     "Build `self.opt`, an `OptimWrapper`, from `opt_func`, the splitter and the hyperparameters."
-    model = getattr(self, 'opt_model', None) or self.model  # a callback may name another model to optimize (fp16's master copy)
+    # a callback may name another model to optimize (fp16's master copy); the splitter sees the model, not a compile/DDP wrapper
+    model = getattr(self, 'opt_model', None) or unwrap_model(self.model)
     self.opt = OptimWrapper(model, self.opt_func, splitter=self.splitter, lr=self.lr, wd=self.wd,
                             true_wd=self.true_wd, bn_wd=self.bn_wd, bias_wd=self.bias_wd, train_bn=self.train_bn)
     return self.opt

@@ -91,10 +91,10 @@ class OptimWrapper:
     """A `torch.optim` optimizer over `model`'s layer groups, speaking unified hyperparameter names.
 
     `opt_func(param_groups)` builds the optimizer (any `torch.optim` class, or a callable `(params, **kwargs)`).
-    `splitter(model)` gives the layer groups (default: one). Each layer group becomes two torch parameter groups,
-    decayed weights and exempt parameters (normalisation layers unless `bn_wd`, biases unless `bias_wd`).
-    `true_wd=True`: decoupled decay `p <- p * (1 - lr*wd)` in `step` before the inner step (inner weight_decay held at 0);
-    `true_wd=False`: classic L2, the inner optimizer's weight_decay is `wd`. `train_bn`: normalisation layers keep
+    `splitter(model)` gives the layer groups (default: one). Exempt from decay: normalisation layers unless `bn_wd`,
+    biases unless `bias_wd`. `true_wd=True`: decoupled decay `p <- p * (1 - lr*wd)` on the decayed parameters in `step`
+    before the inner step (inner weight_decay held at 0), one torch param group per layer group; `true_wd=False`:
+    classic L2, the inner optimizer's weight_decay is `wd`, two torch groups per layer group (decayed, exempt). `train_bn`: normalisation layers keep
     training in frozen layer groups."""
     def __init__(self, model: nn.Module, opt_func=torch.optim.Adam, splitter=None, lr=1e-3, wd=0., true_wd: bool = True,
                  bn_wd: bool = False, bias_wd: bool = False, train_bn: bool = True):
@@ -104,12 +104,17 @@ class OptimWrapper:
         self.n_groups = len(self.layer_groups)
         self._norm_ids, bias_ids = _norm_and_bias_ids(model)
         exempt = (set() if bn_wd else self._norm_ids) | (set() if bias_wd else bias_ids)
-        param_groups, self._layer_of, self._decays = [], [], []
+        self._exempt_ids = exempt
+        # per torch group: its layer group, the parameters the wrapper's decoupled decay scales, whether there are any
+        param_groups, self._layer_of, self._decayed, self._decays = [], [], [], []
         for i, params in enumerate(self.layer_groups):
-            for decays in (True, False):
-                half = [p for p in params if (id(p) not in exempt) == decays]
-                if half:
-                    param_groups.append({'params': half}); self._layer_of.append(i); self._decays.append(decays)
+            decayed = [p for p in params if id(p) not in exempt]
+            others = [p for p in params if id(p) in exempt]
+            # decoupled decay is the wrapper's own work: one torch group per layer group; L2 is the inner optimizer's: split
+            for group, group_decayed in ([(decayed + others, decayed)] if true_wd else [(decayed, decayed), (others, [])]):
+                if group:
+                    param_groups.append({'params': group}); self._layer_of.append(i)
+                    self._decayed.append(group_decayed); self._decays.append(bool(group_decayed))
         self.opt = opt_func(param_groups)
         if not hasattr(self.opt, 'param_groups') or len(self.opt.param_groups) != len(param_groups):
             raise TypeError(f"opt_func must build a torch.optim optimizer from the parameter groups it is given; got {self.opt!r}")
@@ -190,7 +195,7 @@ def check_hyper(self: OptimWrapper, name: str):
 # %% ../nbs/05_optimizer.ipynb #85596f79
 @patch(as_prop=True)
 def hypers(self: OptimWrapper) -> list:
-    "One dict per torch parameter group: unified name -> value (an exempt group reports `wd` 0)."
+    "One dict per torch parameter group (one per layer group under decoupled decay): unified name -> value; a group without decayed parameters reports `wd` 0."
     res = []
     for i, group in enumerate(self.opt.param_groups):
         d = {}
@@ -393,7 +398,7 @@ def _decoupled_decay(self: OptimWrapper):
         g = pgs[i]
         wd = g['decoupled_wd']
         if wd == 0: continue  # the common case of no decay costs one look-up per group
-        params = [p for p in g['params'] if p.grad is not None]
+        params = [p for p in self._decayed[i] if p.grad is not None]
         if params:
             with torch.no_grad(): torch._foreach_mul_(params, 1 - g['lr'] * wd)
 
@@ -434,13 +439,13 @@ def unfreeze(self: OptimWrapper):
     self.freeze_to(0)
 
 # %% ../nbs/05_optimizer.ipynb #4c837c42
-_state_version = 1
+_state_version = 2  # 2: one torch param group per layer group under decoupled decay
 
 @patch
 def state_dict(self: OptimWrapper) -> dict:
     "Inner optimizer state (incl. param-group hyperparameters), decay mode, layer-group count, frozen index and hyperparameter scales."
     return {'version': _state_version, 'opt': self.opt.state_dict(), 'true_wd': self.true_wd,
-            'n_groups': self.n_groups, 'frozen_idx': self.frozen_idx,
+            'n_groups': self.n_groups, 'frozen_idx': self.frozen_idx, 'n_decayed': [len(d) for d in self._decayed],
             'hyper_scales': {k: list(v) for k, v in self.hyper_scales.items()},
             'scale_bases': {k: list(v) for k, v in self._scale_bases.items()}}
 
@@ -455,9 +460,15 @@ def load_state_dict(self: OptimWrapper, state_dict: dict):
     if state_dict.get('n_groups', self.n_groups) != self.n_groups:
         raise ValueError(f"the state dict has {state_dict['n_groups']} layer group(s), this wrapper has {self.n_groups}")
     n_saved, n_here = len(opt_state['param_groups']), len(self.opt.param_groups)
+    if n_saved != n_here and self.true_wd and state_dict.get('version', 1) < 2:
+        opt_state = self._merge_split_groups(opt_state); n_saved = len(opt_state['param_groups'])
     if n_saved != n_here:
         raise ValueError(f"the state dict has {n_saved} param group(s), this wrapper has {n_here} "
                          f"(build it with the same splitter, bn_wd and bias_wd)")
+    n_decayed = [len(d) for d in self._decayed]
+    if state_dict.get('n_decayed', n_decayed) != n_decayed:  # same groups, other exempt parameters: state would land on the wrong ones
+        raise ValueError(f"the state dict decays {state_dict['n_decayed']} parameters per param group, this wrapper "
+                         f"{n_decayed} (build it with the same splitter, bn_wd and bias_wd)")
     self.opt.load_state_dict(opt_state)
     for g in self.opt.param_groups:
         if self.true_wd: g.setdefault('decoupled_wd', 0.)
@@ -466,6 +477,23 @@ def load_state_dict(self: OptimWrapper, state_dict: dict):
     for name in scales: self.check_hyper(name)
     self.hyper_scales = {k: [float(s) for s in v] for k, v in scales.items()}
     self._scale_bases = {k: list(bases[k]) for k in scales}
+
+@patch
+def _merge_split_groups(self: OptimWrapper, opt_state: dict) -> dict:
+    "A version-1 state (decayed and exempt torch groups per layer group) in this wrapper's one-group-per-layer-group layout."
+    halves = [len(h) for d, g in zip(self._decayed, self.param_groups) for h in (d, g['params'][len(d):]) if h]
+    saved = opt_state['param_groups']
+    if [len(g['params']) for g in saved] != halves:
+        raise ValueError(f"the state dict (format version 1) has param groups of sizes {[len(g['params']) for g in saved]}; "
+                         f"this wrapper's layer groups split into decayed and exempt halves of sizes {halves} "
+                         f"(build it with the same splitter, bn_wd and bias_wd)")
+    groups, it = [], iter(saved)
+    for d, g in zip(self._decayed, self.param_groups):
+        parts = [next(it) for h in (d, g['params'][len(d):]) if h]
+        merged = dict(parts[0])  # hyperparameters from the decayed half (it comes first), or the only half there is
+        merged['params'] = [i for part in parts for i in part['params']]
+        groups.append(merged)
+    return {'state': opt_state['state'], 'param_groups': groups}
 
 # %% ../nbs/05_optimizer.ipynb #c3d32dd7
 @patch

@@ -32,14 +32,23 @@ def flat(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def reference_groups(wrapper, wrapper_model, ref_model, l2_wd=0.):
-    "Torch param groups over `ref_model` laid out like `wrapper`'s, with weight_decay `l2_wd` on the decayed groups."
+def exempt_ids(model, bn_wd=False, bias_wd=False):
+    "Ids of the parameters exempt from decay, found independently of the wrapper: norm layers' and biases."
+    norm = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters(recurse=False)}
+    bias = {id(m.bias) for m in model.modules() if getattr(m, 'bias', None) is not None}
+    return (set() if bn_wd else norm) | (set() if bias_wd else bias)
+
+
+def reference_groups(wrapper, wrapper_model, ref_model, l2_wd=0., bn_wd=False, bias_wd=False):
+    "Torch param groups over `ref_model`, per layer group of `wrapper` a decayed (weight_decay `l2_wd`) and an exempt group."
     index = {id(p): i for i, p in enumerate(wrapper_model.parameters())}
+    exempt = exempt_ids(wrapper_model, bn_wd, bias_wd)
     ref_params = list(ref_model.parameters())
     groups = []
-    for g, layer, decays in zip(wrapper.param_groups, wrapper._layer_of, wrapper._decays):
-        groups.append({'params': [ref_params[index[id(p)]] for p in g['params']], 'layer': layer,
-                       'weight_decay': l2_wd if decays else 0.})
+    for layer, params in enumerate(wrapper.layer_groups):
+        for decays in (True, False):
+            half = [ref_params[index[id(p)]] for p in params if (id(p) not in exempt) == decays]
+            if half: groups.append({'params': half, 'layer': layer, 'weight_decay': l2_wd if decays else 0., 'decays': decays})
     return groups
 
 
@@ -70,7 +79,9 @@ def test_unified_names_drive_torch_exactly(case):
     model, ref_model = make_model(), make_model()
     opt = OptimWrapper(model, opt_func, splitter=sequential_splitter, lr=base_lr, wd=wd, true_wd=true_wd)
     assert opt.n_groups == 3 and len(opt.param_groups) == 6
-    ref = opt_func(reference_groups(opt, model, ref_model, l2_wd=wd))
+    ref_groups = reference_groups(opt, model, ref_model, l2_wd=wd)
+    for g in ref_groups: g.pop('decays')
+    ref = opt_func(ref_groups)
     has_sqr = 'sqr_mom' in opt.hyper_names
     for t, (xb, yb) in enumerate(batches()):
         lrs, mom = schedule(t, base_lr)
@@ -96,9 +107,10 @@ def test_decoupled_adam_equals_adamw(bn_bias_wd):
     opt = OptimWrapper(model, torch.optim.Adam, splitter=sequential_splitter, lr=1e-2, wd=0.1, true_wd=True,
                        bn_wd=bn_bias_wd, bias_wd=bn_bias_wd)
     assert all(g['weight_decay'] == 0 for g in opt.param_groups)
-    groups = reference_groups(opt, model, ref_model)
-    decays = list(opt._decays)
-    if bn_bias_wd: assert all(decays)
+    assert len(opt.param_groups) == opt.n_groups == 3   # decoupled decay: one torch group per layer group
+    groups = reference_groups(opt, model, ref_model, bn_wd=bn_bias_wd, bias_wd=bn_bias_wd)
+    decays = [g.pop('decays') for g in groups]
+    assert len(groups) == (3 if bn_bias_wd else 6)
     ref = torch.optim.AdamW(groups)
     for t, (xb, yb) in enumerate(batches()):
         lrs, _ = schedule(t, 1e-2)
@@ -124,8 +136,9 @@ def test_one_sgd_step_by_hand(true_wd):
     grads = [p.grad.clone() for p in model.parameters()]
     opt.step()
     layer = {id(p): i for i, g in enumerate(opt.layer_groups) for p in g}
-    exempt = {id(p) for g, d in zip(opt.param_groups, opt._decays) if not d for p in g['params']}
-    assert len(exempt) == 5   # three biases and the BatchNorm weight
+    exempt = exempt_ids(model)
+    assert len(exempt) == 5   # three biases and the BatchNorm weight and bias
+    assert len(opt.param_groups) == (3 if true_wd else 6)
     for p, p0, g in zip(model.parameters(), before, grads):
         lr, wd = lrs[layer[id(p)]], wds[layer[id(p)]]
         if id(p) in exempt: expected = p0 - lr * g
@@ -242,8 +255,11 @@ def test_load_state_dict_mismatch_errors():
         OptimWrapper(frozen_model(), torch.optim.Adam).load_state_dict(sd)
     with pytest.raises(ValueError, match='true_wd=True, this wrapper has true_wd=False'):
         OptimWrapper(frozen_model(), torch.optim.Adam, splitter=sequential_splitter, true_wd=False).load_state_dict(sd)
-    with pytest.raises(ValueError, match=r'6 param group\(s\), this wrapper has 4'):
+    with pytest.raises(ValueError, match=r'decays \[1, 1, 1\] parameters per param group, this wrapper \[2, 2, 2\]'):
         OptimWrapper(frozen_model(), torch.optim.Adam, splitter=sequential_splitter, bias_wd=True).load_state_dict(sd)
+    l2 = OptimWrapper(frozen_model(), torch.optim.Adam, splitter=sequential_splitter, true_wd=False).state_dict()
+    with pytest.raises(ValueError, match=r'6 param group\(s\), this wrapper has 4'):
+        OptimWrapper(frozen_model(), torch.optim.Adam, splitter=sequential_splitter, true_wd=False, bias_wd=True).load_state_dict(l2)
     with pytest.raises(ValueError, match='not an OptimWrapper state dict'):
         OptimWrapper(frozen_model(), torch.optim.Adam).load_state_dict({'weights': 1})
 
@@ -379,7 +395,9 @@ def test_scaled_schedule_drives_torch_exactly(case):
     opt_func, base_lr, wd, true_wd = CASES[case]
     model, ref_model = make_model(), make_model()
     opt = OptimWrapper(model, opt_func, splitter=sequential_splitter, lr=base_lr, wd=wd, true_wd=true_wd)
-    ref = opt_func(reference_groups(opt, model, ref_model, l2_wd=wd))
+    ref_groups = reference_groups(opt, model, ref_model, l2_wd=wd)
+    for g in ref_groups: g.pop('decays')
+    ref = opt_func(ref_groups)
     scale = [1., 1., 1.]
     for t, (xb, yb) in enumerate(batches()):
         if t == 20: opt.scale_hyper('lr', 0.1); scale = [0.1] * 3
