@@ -38,9 +38,12 @@ class CompiledStep(Callback):
     def __init__(self, keys=('lr', 'betas', 'momentum'), **compile_kwargs):
         self.keys, self.compile_kwargs, self._opt = tuple(keys), compile_kwargs, None
 
-    def before_fit(self): self._install()
+    def before_fit(self):
+        "Put the compiled step on the fit's optimizer."
+        self._install()
     def before_step(self):
-        if self.learn.opt.opt is not self._opt: self._install()  # a phase switched optimizers
+        "Compile the new optimizer's step when a phase switched optimizers."
+        if self.learn.opt.opt is not self._opt: self._install()
 
     def _install(self):
         opt = self.learn.opt.opt if self.learn.opt is not None else None
@@ -63,6 +66,7 @@ class CompiledStep(Callback):
         opt.step = step
 
     def on_remove(self):
+        "Give the optimizer back its eager step."
         if self._opt is not None and 'step' in vars(self._opt): del self._opt.step  # back to the class's eager step
         self._opt = None
 
