@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_docs.ipynb #43554a6d
 from __future__ import annotations
-import ast, base64, json, re
+import ast, base64, json, os, re
 from pathlib import Path
 from fastcore.script import call_parse
 
@@ -240,7 +240,8 @@ def execute_notebook(src: Path, dst: Path, key: str = '', timeout: int = 900) ->
     def poll_in_slices(**kwargs):
         for channel in (client.kc.shell_channel, client.kc.iopub_channel): channel.get_msg = _sliced(channel.get_msg)
     client.on_notebook_start = poll_in_slices
-    try: client.execute()
+    inline = {**os.environ, 'MPLBACKEND': 'module://matplotlib_inline.backend_inline'}  # plots inline, even where MPLBACKEND=Agg (CI)
+    try: client.execute(env=inline)
     except CellExecutionError as e: raise RuntimeError(f"{Path(src).name} failed while building the docs:\n{e}") from None
     nb.metadata['phaselearn_docs_key'] = key
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
