@@ -298,9 +298,6 @@ def _plain(value):
 
 _inf = math.inf
 
-def _check_range(name, value):
-    if not 0 <= value < _inf: raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
 @patch
 def set_hyper(self: OptimWrapper, name: str, value):
     "Set `name` to `value`: a scalar, one value per layer group (list/tuple/array/tensor), or a `slice(lo, hi)` spread."
