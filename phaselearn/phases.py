@@ -6,6 +6,7 @@
 from __future__ import annotations
 import math, numbers
 from functools import partial
+from itertools import accumulate
 import numpy as np
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from .data import _check_bs
 
 # %% auto #0
 __all__ = ['TrainingPhase', 'resolve_groups', 'Phases', 'plot_hypers', 'Preview', 'attr_target', 'PhaseScheduler',
-           'check_plan_values', 'OneCycle', 'SGDR', 'FlatCos', 'WarmupCosine']
+           'check_plan_values', 'OneCycle', 'SGDR', 'FlatCos', 'WarmupCosine', 'WSD']
 
 # %% ../nbs/08_phases.ipynb #f30f07e3
 def _real_value(value, where: str) -> float:
@@ -48,41 +49,66 @@ def _check_attrs_arg(attrs) -> dict:
         if not callable(value): _real_value(value, f"attrs[{path!r}]")
     return dict(attrs)
 
+def _pass_steps(n: int, n_acc: int) -> int:
+    "Optimizer steps in a pass of `n` batches at `n_acc` batches per step: its last, short group is stepped too."
+    return -(-n // n_acc)
+
+def _phase_steps(passes, n_acc: int = 1) -> int:
+    "Optimizer steps of a phase whose passes are `passes` batches long: the `n` of its schedules' positions `k / n`."
+    return sum(_pass_steps(n, n_acc) for n in passes)
+
+def _check_n_acc(n_acc) -> int:
+    if isinstance(n_acc, bool) or not isinstance(n_acc, numbers.Integral) or n_acc < 1:
+        raise ValueError(f"n_acc must be a positive integer (training batches per optimizer step), got {n_acc!r}")
+    return int(n_acc)
+
+def _n_acc(cbs) -> int:
+    "Batches per optimizer step among `cbs`: the `n_acc` of a gradient-accumulation callback (one at most), else 1."
+    found = [cb for cb in cbs if isinstance(getattr(cb, 'n_acc', None), numbers.Integral)]
+    if len(found) > 1: raise ValueError(f"more than one gradient-accumulation callback: {found!r}; keep one")
+    return _check_n_acc(found[0].n_acc) if found else 1
+
 class TrainingPhase:
     "One phase of training: a length, optional data/bs/optimizer/loss, hyperparameters and attributes (constants or schedules)."
     def __init__(self, epochs=None, iters=None, dls=None, bs=None, opt_func=None, loss_func=None, loss_weights=None,
-                 samples=None, attrs=None, **hypers):
-        given = {name: value for name, value in (('epochs', epochs), ('iters', iters), ('samples', samples)) if value is not None}
+                 samples=None, attrs=None, steps=None, **hypers):
+        given = {name: value for name, value in (('epochs', epochs), ('iters', iters), ('samples', samples), ('steps', steps))
+                 if value is not None}
         if len(given) != 1:
-            raise ValueError(f"TrainingPhase needs exactly one of epochs=, iters= or samples= (got "
+            raise ValueError(f"TrainingPhase needs exactly one of epochs=, iters=, samples= or steps= (got "
                              f"{', '.join(f'{k}={v!r}' for k, v in given.items()) or 'none'})")
         if epochs is not None and not _positive_number(epochs):
             raise ValueError(f"epochs must be a positive number (fractions allowed), got {epochs!r}")
-        for name, value in (('iters', iters), ('samples', samples)):
+        for name, value in (('iters', iters), ('samples', samples), ('steps', steps)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if bs is not None: _check_bs(bs)
-        self.epochs, self.iters, self.samples, self.dls, self.bs = epochs, iters, samples, dls, bs
+        self.epochs, self.iters, self.samples, self.steps, self.dls, self.bs = epochs, iters, samples, steps, dls, bs
         self.opt_func, self.loss_func, self.loss_weights, self.hypers = opt_func, loss_func, loss_weights, hypers
         self.attrs = _check_attrs_arg(attrs)
 
-    def n_iters(self, epoch_len: int, bs: int | None = None) -> int:
-        "Iterations of this phase when an epoch of its data is `epoch_len` batches of `bs` (`bs` is needed for `samples=`)."
-        if self.iters is not None: return self.iters
+    def n_iters(self, epoch_len: int, bs: int | None = None, epoch_samples: int | None = None, n_acc: int = 1) -> int:
+        "Iterations (batches) of this phase when an epoch of its data is `epoch_len` batches of `bs` (see `epoch_lengths`)."
+        return sum(self.epoch_lengths(epoch_len, bs, epoch_samples, n_acc))
+
+    def epoch_lengths(self, epoch_len: int, bs: int | None = None, epoch_samples: int | None = None, n_acc: int = 1) -> list:
+        """Batches of each pass of this phase: whole epochs, then what is left (a phase may end mid-epoch). For `samples=`:
+        `bs`, and `epoch_samples`, the samples of a whole epoch (its short last batch counts what it holds; None: every
+        batch full). For `steps=`: `n_acc`, the batches per optimizer step (a pass's short last group is a step too)."""
+        if self.steps is not None:
+            q, r = divmod(self.steps, _pass_steps(epoch_len, _check_n_acc(n_acc)))
+            return [epoch_len] * q + ([r * n_acc] if r else [])
         if self.samples is not None:
             if bs is None: raise ValueError(f"{self!r} counts samples: its batch size is needed (give the phase bs=, "
                                             f"or preview it with learn.preview, which knows the learner's)")
-            return math.ceil(self.samples / bs)
-        return max(1, round(self.epochs * epoch_len))
-
-    def epoch_lengths(self, epoch_len: int, bs: int | None = None) -> list:
-        "Batches of each pass of this phase: whole epochs, then what is left (a phase may end mid-epoch)."
-        n = self.n_iters(epoch_len, bs)
+            q, r = divmod(self.samples, epoch_len * bs if epoch_samples is None else epoch_samples)
+            return [epoch_len] * q + ([math.ceil(r / bs)] if r else [])   # ends at the batch where the samples reach N
+        n = self.iters if self.iters is not None else max(1, round(self.epochs * epoch_len))
         return [epoch_len] * (n // epoch_len) + ([n % epoch_len] if n % epoch_len else [])
 
     def __repr__(self):
-        length = next((name, value) for name, value in (('epochs', self.epochs), ('iters', self.iters), ('samples', self.samples))
-                      if value is not None)
+        length = next((name, value) for name, value in (('epochs', self.epochs), ('iters', self.iters), ('samples', self.samples),
+                                                        ('steps', self.steps)) if value is not None)
         parts = [f"{length[0]}={length[1]!r}"]
         for name in ('bs', 'opt_func', 'loss_func', 'loss_weights'):
             value = getattr(self, name)
@@ -149,44 +175,59 @@ class Phases:
         "Every attribute path some phase sets (`attrs=`), in order of appearance."
         return list(dict.fromkeys(path for p in self.phases for path in p.attrs))
 
-    def lengths(self, n_iter_per_epoch, bs: int | None = None) -> list:
-        "For each phase, the batches of each of its passes (see `TrainingPhase.epoch_lengths`); `bs`: the default batch size."
-        out = []
+    def _plan(self, n_iter_per_epoch, bs=None, epoch_samples=None, n_acc: int = 1) -> tuple:
+        "`(lengths, samples)`: per phase, the batches of each pass, and the training samples it sees (None where unknown)."
+        lengths, samples, n_acc = [], [], _check_n_acc(n_acc)
         for p in self.phases:
-            phase_bs = p.bs
+            phase_bs = p.bs or bs
             if p.dls is not None:
                 dl = (p.dls.new(bs=p.bs) if p.bs else p.dls).train
-                epoch_len, phase_bs = len(dl), phase_bs or _loader_bs(dl)
-            elif callable(n_iter_per_epoch): epoch_len = n_iter_per_epoch(p.bs)
-            else: epoch_len = n_iter_per_epoch
+                epoch_len, phase_bs, full = len(dl), p.bs or _loader_bs(dl), _epoch_samples(dl)
+            else:
+                epoch_len = n_iter_per_epoch(p.bs) if callable(n_iter_per_epoch) else n_iter_per_epoch
+                full = epoch_samples(p.bs) if callable(epoch_samples) else epoch_samples
             if not isinstance(epoch_len, numbers.Integral) or epoch_len < 1:
                 raise ValueError(f"an epoch must have at least one batch; got {epoch_len!r} for {p!r}")
-            out.append(p.epoch_lengths(int(epoch_len), phase_bs or bs))
-        return out
+            passes = p.epoch_lengths(int(epoch_len), phase_bs, full, n_acc)
+            lengths.append(passes)
+            samples.append(None if not phase_bs else
+                           sum(full if (full is not None and n == epoch_len) else n * phase_bs for n in passes))
+        return lengths, samples
 
-    def preview(self, n_iter_per_epoch, n_groups: int = 1, initial: dict | None = None, bs: int | None = None) -> dict:
-        "Exact per-iteration values: `{name: array (n_iter, n_groups)}` (attributes: `(n_iter, 1)`), computed without training."
-        lengths = self.lengths(n_iter_per_epoch, bs)
-        samples = [sum(passes) * (p.bs or bs) if (p.bs or bs) else None for p, passes in zip(self.phases, lengths)]
-        return self._preview(lengths, n_groups, initial, samples=samples)
+    def lengths(self, n_iter_per_epoch, bs: int | None = None, epoch_samples=None, n_acc: int = 1) -> list:
+        """For each phase, the batches of each of its passes (see `TrainingPhase.epoch_lengths`); `bs`: the default batch
+        size; `epoch_samples`: the samples of a whole epoch (an int, or a callable `bs -> samples`; None: every batch full);
+        `n_acc`: batches per optimizer step (gradient accumulation)."""
+        return self._plan(n_iter_per_epoch, bs, epoch_samples, n_acc)[0]
 
-    def _preview(self, lengths, n_groups, initial=None, attr_initial=None, attr_targets=None, samples=None) -> Preview:
-        "`attr_targets`: per phase, `path -> key of the object it reaches` (None: unreachable); `attr_initial`: key -> value."
+    def preview(self, n_iter_per_epoch, n_groups: int = 1, initial: dict | None = None, bs: int | None = None,
+                epoch_samples=None, n_acc: int = 1) -> dict:
+        """Exact per-iteration values: `{name: array (n_iter, n_groups)}` (attributes: `(n_iter, 1)`), computed without
+        training. `epoch_samples` and `n_acc` as in `lengths`: under accumulation every batch of a step has that step's values."""
+        lengths, samples = self._plan(n_iter_per_epoch, bs, epoch_samples, n_acc)
+        return self._preview(lengths, n_groups, initial, samples=samples, n_acc=n_acc)
+
+    def _preview(self, lengths, n_groups, initial=None, attr_initial=None, attr_targets=None, samples=None, n_acc=1) -> Preview:
+        """`attr_targets`: per phase, `path -> key of the object it reaches` (None: unreachable); `attr_initial`: key -> value.
+        Batch `j` of a pass is at step `j // n_acc` of it; a phase's position is its step `k` over its steps `n`, `k / n`."""
         names = list(dict.fromkeys(self.hyper_names + list(initial or {})))
         current = {name: resolve_groups(initial[name], n_groups) if initial and name in initial else np.full(n_groups, np.nan)
                    for name in names}
         paths, attr_values = self.attr_paths, dict(attr_initial or {})
         rows = {name: [] for name in names + paths}
         for index, (phase, passes) in enumerate(zip(self.phases, lengths)):
-            n, keys = sum(passes), attr_targets[index] if attr_targets is not None else {path: path for path in paths}
-            for i in range(n):
-                for name, value in phase.hypers.items():
-                    if callable(value) or i == 0:
-                        current[name] = resolve_groups(value(i / n) if callable(value) else value, n_groups)
-                for path, value in phase.attrs.items():
-                    if callable(value) or i == 0:
-                        attr_values[keys[path]] = _real_value(value(i / n) if callable(value) else value,
-                                                              f"attrs[{path!r}] at iteration {i} of phase {index} ({phase!r})")
+            n, keys = _phase_steps(passes, n_acc), attr_targets[index] if attr_targets is not None else {path: path for path in paths}
+            positions = [first + j // n_acc for first, m in zip(accumulate([0] + [_pass_steps(m, n_acc) for m in passes]), passes)
+                         for j in range(m)]
+            for b, i in enumerate(positions):
+                if b == 0 or i != positions[b - 1]:   # a new step: the values at its position
+                    for name, value in phase.hypers.items():
+                        if callable(value) or b == 0:
+                            current[name] = resolve_groups(value(i / n) if callable(value) else value, n_groups)
+                    for path, value in phase.attrs.items():
+                        if callable(value) or b == 0:
+                            attr_values[keys[path]] = _real_value(value(i / n) if callable(value) else value,
+                                                                  f"attrs[{path!r}] at {'step' if n_acc > 1 else 'iteration'} {i} of phase {index} ({phase!r})")
                 for name in names: rows[name].append(current[name])
                 for path in paths: rows[path].append([attr_values.get(keys[path], np.nan)])
         values = {name: np.stack(rows[name]) if rows[name] else np.zeros((0, 1)) for name in names + paths}
@@ -318,12 +359,12 @@ def _phase_samples(learn, phases, lengths) -> list:
         out.append(None if bs is None or full is None else sum(full if n == len(dl) else n * bs for n in passes))
     return out
 
-def _learner_preview(learn, phases, lengths, cbs=()) -> Preview:
+def _learner_preview(learn, phases, lengths, cbs=(), n_acc: int = 1) -> Preview:
     "The preview of `phases` on `learn`: hyperparameters start from its optimizer, attributes from their current values."
     initial = {name: learn.opt.get_hyper(name) for name in phases.hyper_names if name in learn.opt.hyper_names}
     plan, attr_initial = _attr_plan(learn, phases, cbs)
     keys = [{path: None if target is None else (id(target[0]), target[1]) for path, target in targets.items()} for targets in plan]
-    return phases._preview(lengths, learn.opt.n_groups, initial, attr_initial, keys, _phase_samples(learn, phases, lengths))
+    return phases._preview(lengths, learn.opt.n_groups, initial, attr_initial, keys, _phase_samples(learn, phases, lengths), n_acc)
 
 # %% ../nbs/08_phases.ipynb #00fab05f
 class PhaseScheduler(Callback):
@@ -331,13 +372,13 @@ class PhaseScheduler(Callback):
     before every training batch. Validation uses the learner's own loss (with its attributes as they were before the
     fit); after the fit the learner's data, loss and every scheduled attribute are back."""
     order = -50
-    def __init__(self, phases, lengths: list):
-        self.phases, self.lengths = Phases(phases), lengths
-        self.epoch_phase, self.epoch_offset = [], []  # per epoch of the fit: its phase, and iterations of that phase before it
+    def __init__(self, phases, lengths: list, n_acc: int = 1):
+        self.phases, self.lengths, self.n_acc = Phases(phases), lengths, _check_n_acc(n_acc)
+        self.epoch_phase, self.epoch_offset = [], []  # per epoch of the fit: its phase, and steps of that phase before it
         for index, passes in enumerate(lengths):
             offset = 0
             for n in passes:
-                self.epoch_phase.append(index); self.epoch_offset.append(offset); offset += n
+                self.epoch_phase.append(index); self.epoch_offset.append(offset); offset += _pass_steps(n, self.n_acc)
         self.phase_starts = [sum(sum(p) for p in lengths[:i]) for i in range(len(lengths))]
         self.saved, self.own_loss_saved, self.recorder, self.targets, self.attrs = {}, [], None, {}, []
         self.held, self.phase_loss_func = [], None
@@ -364,7 +405,7 @@ class PhaseScheduler(Callback):
         state, out = {token: value for token, (_, _, value) in self.saved.items()}, []
         for phase, targets, passes in zip(self.phases, self.attr_plan, self.lengths):
             out.append([(self.saved[token][0], self.saved[token][1], value) for token, value in state.items()])
-            n = sum(passes)
+            n = _phase_steps(passes, self.n_acc)
             for path, value in phase.attrs.items():
                 owner, key = targets[path]
                 state[(id(owner), key)] = float(value((n - 1) / n)) if callable(value) else float(value)
@@ -383,6 +424,7 @@ class PhaseScheduler(Callback):
     def _start_phase(self, index):
         learn, phase = self.learn, self.phases[index]
         self.phase_index, self.n = index, sum(self.lengths[index])
+        self.n_steps = _phase_steps(self.lengths[index], self.n_acc)
         learn.phase_span = (index, self.phase_starts[index], self.n)
         dls = phase.dls if phase.dls is not None else self.own_dls
         learn.dls = dls.new(bs=phase.bs) if phase.bs else dls
@@ -398,9 +440,9 @@ class PhaseScheduler(Callback):
         if self.recorder is not None: self.recorder.phase_lengths = [sum(p) for p in self.lengths]
 
     def before_batch(self):
-        "Set every scheduled hyperparameter and attribute to its value at this iteration's position in the phase."
+        "Set every scheduled hyperparameter and attribute to its value at this batch's position: its step `k` of the phase's `n`, `k / n`."
         if not self.learn.training: return
-        pct = (self.offset + self.learn.iter) / self.n
+        pct = (self.offset + self.learn.iter // self.n_acc) / self.n_steps
         opt = self.learn.opt
         for name, schedule in self.schedules: opt.set_hyper(name, schedule(pct))
         for owner, key, value in self.attrs: _set_attr(owner, key, float(value(pct)) if callable(value) else value)
@@ -452,14 +494,15 @@ def _schedule_values(value, n: int, n_groups: int, what: str) -> np.ndarray:
         if not callable(value): return np.repeat(rows[0][None], n, 0)
     return np.stack(rows)
 
-def check_plan_values(learn, phases, lengths: list):
+def check_plan_values(learn, phases, lengths: list, n_acc: int = 1):
     """Before the first batch: every value each phase gives each hyperparameter (constants, per-group values, slices and
     every iteration of every schedule), by the rules of the optimizer that phase uses (`check_hyper_value`); every
-    `loss_weights` value finite. The error names the hyperparameter, the phase, the iteration and the valid range."""
+    `loss_weights` value finite. The error names the hyperparameter, the phase, the iteration (the step, under gradient
+    accumulation: `n_acc` batches per step) and the valid range."""
     opt = learn.opt
     for index, (phase, passes) in enumerate(zip(phases, lengths)):
         if phase.opt_func is not None: opt = opt.switch(phase.opt_func)
-        n, where = sum(passes), f" in phase {index} ({phase!r})"
+        n, where = _phase_steps(passes, n_acc), f" in phase {index} ({phase!r})"
         for name, value in phase.hypers.items():
             if name == 'betas':
                 raise ValueError(f"betas{where}: set mom (betas[0]) and sqr_mom (betas[1]) instead, each a number or a schedule")
@@ -481,7 +524,7 @@ def check_plan_values(learn, phases, lengths: list):
 
 
 # %% ../nbs/08_phases.ipynb #3fe5423b
-def _check_plan(learn, phases: Phases, lengths: list):
+def _check_plan(learn, phases: Phases, lengths: list, n_acc: int = 1):
     "Fail before training when a phase names a hyperparameter its optimizer lacks, or a value is NaN / negative."
     opt = learn.opt
     for phase in phases:
@@ -491,11 +534,11 @@ def _check_plan(learn, phases: Phases, lengths: list):
             loss_func = phase.loss_func if phase.loss_func is not None else learn.loss_func
             if not hasattr(loss_func, 'weights'):
                 raise ValueError(f"loss_weights needs a loss with weighted components (a `weights` attribute); got {loss_func!r}")
-    check_plan_values(learn, phases, lengths)  # every value of every hyperparameter, by its optimizer's rules
+    check_plan_values(learn, phases, lengths, n_acc)  # every value of every hyperparameter, by its optimizer's rules
 
-def _phase_lengths(learn, phases: Phases) -> list:
-    def n_iter_per_epoch(bs): return len((learn.dls.new(bs=bs) if bs else learn.dls).train)
-    return phases.lengths(n_iter_per_epoch, _loader_bs(learn.dls.train))
+def _phase_lengths(learn, phases: Phases, n_acc: int = 1) -> list:
+    def train(bs): return (learn.dls.new(bs=bs) if bs else learn.dls).train
+    return phases.lengths(lambda bs: len(train(bs)), _loader_bs(learn.dls.train), lambda bs: _epoch_samples(train(bs)), n_acc)
 
 @patch
 def fit_phases(self: Learner, phases, cbs=None, resume=None):
@@ -503,18 +546,20 @@ def fit_phases(self: Learner, phases, cbs=None, resume=None):
     phases = Phases(phases)
     self._check_ready()
     if self.opt is None: self.create_opt()
-    lengths = _phase_lengths(self, phases)
-    _check_plan(self, phases, lengths)  # every hyperparameter name and value, checked before training
-    _learner_preview(self, phases, lengths, list(cbs or []))  # every attribute path and value too
-    scheduler = PhaseScheduler(phases, lengths)
+    n_acc = _n_acc(list(self.cbs) + list(cbs or []))   # under gradient accumulation, schedules move per optimizer step
+    lengths = _phase_lengths(self, phases, n_acc)
+    _check_plan(self, phases, lengths, n_acc)  # every hyperparameter name and value, checked before training
+    _learner_preview(self, phases, lengths, list(cbs or []), n_acc)  # every attribute path and value too
+    scheduler = PhaseScheduler(phases, lengths, n_acc)
     self._run([n for passes in lengths for n in passes], [scheduler] + list(cbs or []), resume)
 
 @patch
 def preview(self: Learner, phases, cbs=None) -> Preview:
-    "The exact per-iteration values (hyperparameters and attributes) `fit_phases(phases, cbs)` will use, from this learner's data, optimizer and attributes."
+    "The exact per-iteration values (hyperparameters and attributes) `fit_phases(phases, cbs)` will use, from this learner's data, optimizer, attributes and callbacks (a `GradientAccumulation` among them or `cbs`: values per step)."
     phases = Phases(phases)
     if self.opt is None: self.create_opt()
-    return _learner_preview(self, phases, _phase_lengths(self, phases), list(cbs or []))
+    n_acc = _n_acc(list(self.cbs) + list(cbs or []))
+    return _learner_preview(self, phases, _phase_lengths(self, phases, n_acc), list(cbs or []), n_acc)
 
 # %% ../nbs/08_phases.ipynb #0adfd816
 class OneCycle:
@@ -554,17 +599,38 @@ class OneCycle:
 
 # %% ../nbs/08_phases.ipynb #bdf19153
 class SGDR:
-    """Stochastic gradient descent with warm restarts (Loshchilov & Hutter): `n` cycles, cycle `i` lasting
-    `cycle_len * cycle_mult**i` epochs, each a cosine from `lr_max` to 0. Longer later cycles (`cycle_mult > 1`) let
-    the model settle; each restart can jump out of a sharp minimum."""
+    """Stochastic gradient descent with warm restarts (Loshchilov & Hutter): `n` cycles, each a cosine from `lr_max` to 0,
+    cycle `i` lasting `cycle_len * cycle_mult**i` epochs. Longer later cycles (`cycle_mult > 1`) let the model settle;
+    each restart can jump out of a sharp minimum. Given the epoch length (`fit_sgdr` gives it), lengths are counted in
+    batches as torch's `CosineAnnealingWarmRestarts`, ignite and Composer count them: the first cycle
+    `round(cycle_len * epoch_len)` batches, each next one `int(cycle_mult * previous)` (truncated from the previous cycle,
+    so 20 and 1.3 give 20, 26, 33, 42, 54 batches, not the rounded products 20, 26, 34, 44, 57)."""
     def __init__(self, lr_max, cycle_len=1, cycle_mult=2):
         if not _positive_number(cycle_len) or not _positive_number(cycle_mult):
             raise ValueError(f"cycle_len and cycle_mult must be positive, got {cycle_len}, {cycle_mult}")
         check_hyper_values('lr_max', lr_max, 'lr')
         self.lr_max, self.cycle_len, self.cycle_mult = lr_max, cycle_len, cycle_mult
-    def phases(self, n_cycles: int) -> list:
-        "`n_cycles` phases of cosine annealing from `lr_max` to 0, the i-th `cycle_len * cycle_mult**i` epochs long."
-        return [TrainingPhase(epochs=self.cycle_len * self.cycle_mult ** i, lr=SchedCos(self.lr_max, 0.))
+    def cycle_iters(self, n_cycles: int, epoch_len: int) -> list:
+        "Batches of each cycle for an epoch of `epoch_len` batches: `round(cycle_len * epoch_len)`, then `int(cycle_mult * previous)`."
+        lengths = [max(1, round(self.cycle_len * epoch_len))]
+        while len(lengths) < n_cycles: lengths.append(int(self.cycle_mult * lengths[-1]))
+        if min(lengths) < 1:
+            raise ValueError(f"SGDR: cycle {lengths.index(0)} would last 0 batches (cycle_len={self.cycle_len}, cycle_mult="
+                             f"{self.cycle_mult}, {epoch_len} batches per epoch); raise cycle_mult or cycle_len")
+        return lengths
+
+    def phases(self, n_cycles: int, epoch_len: int | None = None) -> list:
+        """`n_cycles` phases of cosine annealing from `lr_max` to 0. With `epoch_len` (batches per epoch) the i-th lasts
+        `cycle_iters(n_cycles, epoch_len)[i]` batches; without it `cycle_len * cycle_mult**i` epochs, which needs a whole
+        `cycle_mult` (a fractional one truncates each cycle in batches, so the epoch length is needed)."""
+        if isinstance(n_cycles, bool) or not isinstance(n_cycles, numbers.Integral) or n_cycles < 1:
+            raise ValueError(f"n_cycles must be a positive integer, got {n_cycles!r}")
+        if epoch_len is not None:
+            return [TrainingPhase(iters=n, lr=SchedCos(self.lr_max, 0.)) for n in self.cycle_iters(n_cycles, epoch_len)]
+        if float(self.cycle_mult) != int(self.cycle_mult):
+            raise ValueError(f"SGDR(cycle_mult={self.cycle_mult}): a fractional cycle_mult truncates each cycle in batches, "
+                             f"int(cycle_mult * previous), as torch does: give phases(n_cycles, epoch_len=...) (fit_sgdr does)")
+        return [TrainingPhase(epochs=self.cycle_len * int(self.cycle_mult) ** i, lr=SchedCos(self.lr_max, 0.))
                 for i in range(n_cycles)]
     def __repr__(self): return f"SGDR(lr_max={self.lr_max!r}, cycle_len={self.cycle_len}, cycle_mult={self.cycle_mult})"
 
@@ -597,6 +663,29 @@ class WarmupCosine:
         return [TrainingPhase(epochs=n_epoch, lr=lr)]
     def __repr__(self): return f"WarmupCosine(lr_max={self.lr_max!r}, warmup_pct={self.warmup_pct}, div_final={self.div_final})"
 
+class WSD:
+    """Warmup-stable-decay, the schedule of current LLM pre-training (one phase of `n` epochs): linear warm-up from 0 to
+    `lr_max` over the first `warmup_pct` of training, `lr_max` held, then a decay to `lr_max/div_final` (0 by default) over
+    the last `decay_pct`, shaped `decay`: '1-sqrt' (Hägele et al. 2024, the default), 'linear' or 'cosine'. The stable
+    part can be cut anywhere and cooled down later, which is why it is popular: see `SchedWSD`."""
+    def __init__(self, lr_max, warmup_pct: float = 0.05, decay_pct: float = 0.2, decay: str = '1-sqrt', div_final: float = math.inf):
+        if not (0 <= warmup_pct < 1 and 0 <= decay_pct <= 1 and warmup_pct + decay_pct <= 1):
+            raise ValueError(f"warmup_pct and decay_pct must be in [0, 1] and sum to at most 1, got {warmup_pct}, {decay_pct}")
+        if not div_final > 0: raise ValueError(f"div_final must be positive (math.inf: decay to 0), got {div_final}")
+        check_hyper_values('lr_max', lr_max, 'lr')
+        self.lr_max, self.warmup_pct, self.decay_pct, self.decay, self.div_final = lr_max, warmup_pct, decay_pct, decay, div_final
+        self.schedule()  # checks `decay`
+    def schedule(self) -> SchedWSD:
+        "The lr schedule over the phase."
+        return SchedWSD(self.lr_max, self.warmup_pct, self.decay_pct, end=OneCycle._lr(None, self.lr_max, self.div_final),
+                        decay_shape=self.decay)
+    def phases(self, n_epoch) -> list:
+        "The one phase of an `n_epoch`-epoch run: warm-up, stable, decay."
+        return [TrainingPhase(epochs=n_epoch, lr=self.schedule())]
+    def __repr__(self):
+        return (f"WSD(lr_max={self.lr_max!r}, warmup_pct={self.warmup_pct}, decay_pct={self.decay_pct}, decay={self.decay!r}, "
+                f"div_final={self.div_final})")
+
 # %% ../nbs/08_phases.ipynb #d40a37eb
 def _with_wd(phases, wd):
     if wd is not None:
@@ -613,12 +702,20 @@ def fit_one_cycle(self: Learner, n_epoch, lr_max=None, div=25., div_final=1e5, p
 @patch
 def fit_sgdr(self: Learner, n_cycles: int, cycle_len=1, lr_max=None, cycle_mult=2, wd=None, cbs=None, resume=None):
     "Train `n_cycles` cycles of the `SGDR` policy."
-    self.fit_phases(_with_wd(SGDR(self.lr if lr_max is None else lr_max, cycle_len, cycle_mult).phases(n_cycles), wd), cbs=cbs, resume=resume)
+    policy = SGDR(self.lr if lr_max is None else lr_max, cycle_len, cycle_mult)
+    self.fit_phases(_with_wd(policy.phases(n_cycles, epoch_len=len(self.dls.train)), wd), cbs=cbs, resume=resume)
 
 @patch
 def fit_flat_cos(self: Learner, n_epoch, lr=None, pct_start=0.75, div_final=1e5, wd=None, cbs=None, resume=None):
     "Train `n_epoch` epochs with the `FlatCos` policy."
     self.fit_phases(_with_wd(FlatCos(self.lr if lr is None else lr, pct_start, div_final).phases(n_epoch), wd), cbs=cbs, resume=resume)
+
+@patch
+def fit_wsd(self: Learner, n_epoch, lr_max=None, warmup_pct=0.05, decay_pct=0.2, decay='1-sqrt', div_final=math.inf, wd=None,
+            cbs=None, resume=None):
+    "Train `n_epoch` epochs with the `WSD` (warmup-stable-decay) policy."
+    policy = WSD(self.lr if lr_max is None else lr_max, warmup_pct, decay_pct, decay, div_final)
+    self.fit_phases(_with_wd(policy.phases(n_epoch), wd), cbs=cbs, resume=resume)
 
 @patch
 def fit_warmup_cosine(self: Learner, n_epoch, lr_max=None, warmup_pct=0.1, div_final=1e5, wd=None, cbs=None, resume=None):

@@ -10,7 +10,8 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['Schedule', 'SchedLin', 'SchedCos', 'SchedExp', 'SchedPoly', 'SchedConst', 'SchedNo', 'CombinedSchedule',
-           'combine_scheds']
+           'combine_scheds', 'SchedStep', 'SchedMultiStep', 'SchedExpDecay', 'SchedInvSqrt', 'SchedPolyDecay',
+           'SchedCyclic', 'SchedCosRestarts', 'SchedSqrtDecay', 'SchedWSD', 'SchedWindow']
 
 # %% ../nbs/06_schedule.ipynb #22bfcc6a
 _PCT_TOL = 1e-9  # how far outside [0, 1] a pct may stray by rounding before it is an error
@@ -169,7 +170,9 @@ class SchedExp(_StartEndSchedule):
 
 # %% ../nbs/06_schedule.ipynb #aef9c58c
 class SchedPoly(_StartEndSchedule):
-    "Polynomial schedule: `start + (end - start) * pct ** power` (`power` > 0)."
+    """Polynomial ease from `start`: `start + (end - start) * pct ** power` (`power` > 0), fastai's `SchedPoly`. Not the
+    peers' polynomial decay, `end + (start - end) * (1 - pct) ** power` (torch `PolynomialLR`, Hugging Face, Composer,
+    Keras): that one is `SchedPolyDecay`."""
     _repr_names = ('start', 'end', 'power')
     def __init__(self, start, end, power):
         if not _is_real(power) or not (0 < power < math.inf):
@@ -235,3 +238,231 @@ class CombinedSchedule(Schedule):
 def combine_scheds(pcts, scheds) -> CombinedSchedule:
     "One schedule made of `scheds` in turn, `scheds[k]` over a fraction `pcts[k]` of [0, 1] (`pcts` >= 0, summing to 1)."
     return CombinedSchedule(pcts, scheds)
+
+# %% ../nbs/06_schedule.ipynb #61300438
+_SNAP_TOL = 1e-9  # a position this close (relatively) to a whole number of units is that number
+
+def _snap(x: float) -> float:
+    "`x`, or the whole number it is within rounding of (so `k / n * n` is `k` again, and a milestone at `k` is hit at `k`)."
+    r = round(x)
+    return float(r) if abs(x - r) <= _SNAP_TOL * max(1., abs(x)) else x
+
+def _check_total(total) -> float:
+    "The units a phase spans (`None`: positions and lengths are fractions of the phase, `total=1`)."
+    if total is None: return 1.
+    if not _is_real(total) or not (0 < total < math.inf):
+        raise ValueError(f"total must be a positive number (the units, e.g. optimizer steps, that the phase spans), or None "
+                         f"to give lengths as fractions of the phase; got {total!r}")
+    return float(total)
+
+def _check_length(x, name: str, total: float, zero_ok: bool = False) -> float:
+    "A length or position in units, in (0, total] (or [0, total] when `zero_ok`)."
+    if not _is_real(x) or not ((0 <= x) if zero_ok else (0 < x)) or not x <= total * (1 + _SNAP_TOL):
+        raise ValueError(f"{name} must be a number in {'[0' if zero_ok else '(0'}, {total:g}] (the units of total={total:g}; "
+                         f"fractions of the phase when total=None), got {x!r}")
+    return float(x)
+
+class _FactorSchedule(Schedule):
+    "Shared machinery of the schedules that multiply `start` by a factor of position: `start * factor(t)`, `t = pct * total`."
+    def __init__(self, start, total=None):
+        self.start, _, self._start, _, self._lo_none = _prepare_ends(start, start)
+        self.total, self._total = total, _check_total(total)
+
+    def _value(self, pct):
+        f = self._factor(_snap(pct * self._total))
+        if self._lo_none is None: return self._start * f
+        return slice(None if self._lo_none else self.start.start * f, self.start.stop * f)
+
+# %% ../nbs/06_schedule.ipynb #239d9d1d
+class SchedStep(_FactorSchedule):
+    """Step decay: `start * gamma ** floor(t / step_size)` at position `t = pct * total`. `total=None` gives `step_size`
+    as a fraction of the phase; `total=n` in units of a phase of `n` (torch's `StepLR(step_size, gamma)` over `n` steps)."""
+    _repr_names = ('start', 'step_size', 'gamma', 'total')
+    def __init__(self, start, step_size, gamma: float = 0.1, total=None):
+        super().__init__(start, total)
+        self.step_size, self.gamma = _check_length(step_size, 'step_size', self._total), _check_number(gamma, 'gamma')
+    def _factor(self, t): return self.gamma ** math.floor(_snap(t / self.step_size))
+
+class SchedMultiStep(_FactorSchedule):
+    """Multi-step decay: `start * gamma ** m`, `m` the number of `milestones` at or before position `t = pct * total`
+    (a milestone given twice counts twice, as in torch's `MultiStepLR`). `total=None`: milestones are fractions of the phase."""
+    _repr_names = ('start', 'milestones', 'gamma', 'total')
+    def __init__(self, start, milestones, gamma: float = 0.1, total=None):
+        super().__init__(start, total)
+        if isinstance(milestones, (str, bytes)) or not hasattr(milestones, '__iter__'):
+            raise ValueError(f"milestones must be a list of positions (sorted), got {milestones!r}")
+        ms = [_check_length(m, 'each milestone', self._total, zero_ok=True) for m in milestones]
+        if ms != sorted(ms): raise ValueError(f"milestones must be sorted in increasing order, got {list(milestones)!r}")
+        self.milestones, self.gamma = ms, _check_number(gamma, 'gamma')
+    def _factor(self, t): return self.gamma ** bisect_right(self.milestones, t)
+
+# %% ../nbs/06_schedule.ipynb #5d7d728c
+class SchedExpDecay(_FactorSchedule):
+    """Exponential decay by a rate: `start * rate ** (t / period)`, or `start * rate ** floor(t / period)` with
+    `staircase=True` (Keras' `ExponentialDecay`; torch's `ExponentialLR(gamma)` is `rate=gamma, period=1, total=n`).
+    `SchedExp` goes from a start to an end instead; this one is for a rate per unit of time."""
+    _repr_names = ('start', 'rate', 'period', 'staircase', 'total')
+    def __init__(self, start, rate: float, period: float = 1., staircase: bool = False, total=None):
+        super().__init__(start, total)
+        if not _is_real(rate) or not rate > 0 or not math.isfinite(rate):
+            raise ValueError(f"rate must be a finite number > 0 (the factor per period), got {rate!r}")
+        if not _is_real(period) or not period > 0 or not math.isfinite(period):
+            raise ValueError(f"period must be a finite number > 0 (units per factor of rate), got {period!r}")
+        self.rate, self.period, self.staircase = float(rate), float(period), bool(staircase)
+    def _factor(self, t):
+        e = t / self.period
+        return self.rate ** (math.floor(_snap(e)) if self.staircase else e)
+
+# %% ../nbs/06_schedule.ipynb #cb395c67
+class SchedInvSqrt(_FactorSchedule):
+    """Inverse square root with a linear warm-up (the Transformer's schedule): `start * t / warmup` for `t < warmup`, then
+    `start / sqrt((t + timescale - warmup) / timescale)` (`timescale` defaults to `warmup`, so the peak `start` is at
+    `t = warmup`). The formula of Hugging Face's `get_inverse_sqrt_schedule`; Vaswani et al.'s
+    `d**-0.5 * min(s**-0.5, s * w**-1.5)` is `start = (d * w)**-0.5` at `t = s`."""
+    _repr_names = ('start', 'warmup', 'timescale', 'total')
+    def __init__(self, start, warmup, timescale=None, total=None):
+        super().__init__(start, total)
+        self.warmup = _check_length(warmup, 'warmup', self._total, zero_ok=True)
+        if timescale is None: timescale = self.warmup or (1e4 if total is not None else 0.1)
+        if not _is_real(timescale) or not (0 < timescale < math.inf):
+            raise ValueError(f"timescale must be a number > 0 (units over which the rate halves twice), got {timescale!r}")
+        self.timescale = float(timescale)
+    def _factor(self, t):
+        if t < self.warmup: return t / self.warmup
+        return 1.0 / math.sqrt((t + (self.timescale - self.warmup)) / self.timescale)
+
+# %% ../nbs/06_schedule.ipynb #82bb0bc0
+class SchedPolyDecay(_StartEndSchedule):
+    """Polynomial decay as torch (`PolynomialLR`), Hugging Face, Composer and Keras define it:
+    `end + (start - end) * (1 - t / period) ** power`, held at `end` after `period` (default: the whole phase). With
+    `cycle=True` (Keras' `cycle`) it restarts instead, over a period stretched to the next multiple of `period`."""
+    _repr_names = ('start', 'end', 'power', 'period', 'cycle', 'total')
+    def __init__(self, start, end=0., power: float = 1., period=None, cycle: bool = False, total=None):
+        if not _is_real(power) or not (0 < power < math.inf):
+            raise ValueError(f"SchedPolyDecay: power must be a finite real number > 0, got {power!r}")
+        super().__init__(start, end)
+        self.power, self.total, self._total, self.cycle = float(power), total, _check_total(total), bool(cycle)
+        self.period = self._total if period is None else _check_length(period, 'period', self._total)
+
+    def _value(self, pct):
+        t, d = _snap(pct * self._total), self.period
+        if self.cycle: d = d * max(1, math.ceil(_snap(t / d)))
+        else: t = min(t, d)
+        w = (1 - t / d) ** self.power
+        return self._end - w * self._delta   # = end + (start - end) * w, as the peers write it
+
+# %% ../nbs/06_schedule.ipynb #80b14d06
+_CYCLIC_MODES = ('triangular', 'triangular2', 'exp_range')
+
+class SchedCyclic(_StartEndSchedule):
+    """Smith's cyclical rates, as torch's `CyclicLR` computes them: from `start` up to `end` over `step_up` units, back
+    down over `step_down` (default `step_up`), again and again. `mode='triangular'` keeps the height, `'triangular2'`
+    halves it every cycle, `'exp_range'` multiplies it by `gamma ** t`. Units: `total=n` for a phase of `n` steps."""
+    _repr_names = ('start', 'end', 'step_up', 'step_down', 'mode', 'gamma', 'total')
+    def __init__(self, start, end, step_up, step_down=None, mode: str = 'triangular', gamma: float = 1., total=None):
+        super().__init__(start, end)
+        self.total, self._total = total, _check_total(total)
+        if mode not in _CYCLIC_MODES: raise ValueError(f"mode must be one of {_CYCLIC_MODES}, got {mode!r}")
+        if not _is_real(gamma) or not gamma > 0: raise ValueError(f"gamma must be a number > 0, got {gamma!r}")
+        for name, v in (('step_up', step_up), ('step_down', step_down)):
+            if v is not None and (not _is_real(v) or not (0 < v < math.inf)):
+                raise ValueError(f"{name} must be a number > 0 (units of total), got {v!r}")
+        self.step_up, self.step_down = float(step_up), float(step_up if step_down is None else step_down)
+        self.mode, self.gamma = mode, float(gamma)
+        self._size = self.step_up + self.step_down
+        self._ratio = self.step_up / self._size
+
+    def _value(self, pct):
+        t = _snap(pct * self._total)
+        cycle = math.floor(1 + t / self._size)
+        x = 1. + t / self._size - cycle
+        scale = x / self._ratio if x <= self._ratio else (x - 1) / (self._ratio - 1)
+        height = self._delta * scale
+        if self.mode == 'triangular': return self._start + height * 1.
+        if self.mode == 'triangular2': return self._start + height * (1 / (2. ** (cycle - 1)))
+        return self._start + height * self.gamma ** t
+
+# %% ../nbs/06_schedule.ipynb #22b328ab
+class SchedCosRestarts(_StartEndSchedule):
+    """Cosine annealing with warm restarts (SGDR) inside one schedule: cycle `i` goes from `start * peak_mult**i` down to
+    the floor `end` by a cosine, over `period * period_mult**i` units. With `total=n` (units of a phase of `n` steps) each
+    cycle's length is truncated from the previous one, `int(period_mult * previous)`, as torch
+    (`CosineAnnealingWarmRestarts`), ignite and Composer do; with `total=None` lengths are fractions of the phase."""
+    _repr_names = ('start', 'end', 'period', 'period_mult', 'peak_mult', 'total')
+    def __init__(self, start, end=0., period=1., period_mult: float = 1., peak_mult: float = 1., total=None):
+        super().__init__(start, end)
+        self.total, self._total = total, _check_total(total)
+        self.period = _check_length(period, 'period', math.inf)
+        for name, v in (('period_mult', period_mult), ('peak_mult', peak_mult)):
+            if not _is_real(v) or not (0 < v < math.inf): raise ValueError(f"{name} must be a number > 0, got {v!r}")
+        self.period_mult, self.peak_mult = float(period_mult), float(peak_mult)
+        starts, lengths, length = [0.], [], self.period   # every cycle that starts in [0, total), found once
+        while True:
+            if total is not None and (length < 1 or length != int(length)):
+                raise ValueError(f"SchedCosRestarts: cycle {len(lengths)} would last {length!r} units; with total= a period "
+                                 f"is a whole number of units and period_mult must keep it >= 1, got period={period!r}, "
+                                 f"period_mult={period_mult!r}")
+            if total is None and (length < 1e-9 or len(lengths) > 100_000):
+                raise ValueError(f"SchedCosRestarts: cycles shrink too fast to ever cover the phase (period={period!r}, "
+                                 f"period_mult={period_mult!r})")
+            lengths.append(int(length) if total is not None else length)
+            if starts[-1] + length >= self._total: break
+            starts.append(starts[-1] + length)
+            length = int(self.period_mult * length) if total is not None else self.period_mult * length
+        self._starts, self._lengths = starts, lengths
+        self._peaks = [self._start * self.peak_mult ** i for i in range(len(starts))]
+
+    @property
+    def cycle_lengths(self) -> list:
+        "The length of each cycle that starts in the phase (the last may end after it), in units of `total` (fractions of the phase when `total=None`)."
+        return list(self._lengths)
+
+    def _value(self, pct):
+        t = _snap(pct * self._total)
+        i = bisect_right(self._starts, t) - 1
+        peak, tc = self._peaks[i], t - self._starts[i]
+        return self._end + (peak - self._end) * (1 + math.cos(math.pi * tc / self._lengths[i])) / 2
+
+# %% ../nbs/06_schedule.ipynb #9a93e120
+class SchedSqrtDecay(_StartEndSchedule):
+    "The '1-sqrt' cooldown: `end + (start - end) * (1 - sqrt(pct))` (Hägele et al. 2024): steep first, then gentle."
+    def _value(self, pct): return self._end - (1. - math.sqrt(pct)) * self._delta
+
+_WSD_DECAYS = {'linear': SchedLin, 'cosine': SchedCos, '1-sqrt': SchedSqrtDecay}
+
+class SchedWSD(Schedule):
+    """Warmup-stable-decay, the schedule of current LLM pre-training: linear warm-up from `start` to `peak` over `warmup`
+    units, `peak` held, then a decay to `end` over the last `decay` units, shaped `decay_shape` ('linear', 'cosine' or
+    '1-sqrt'). Positions as in Hugging Face's `get_wsd_schedule`: warm-up value `start + (peak - start) * t / warmup`,
+    decay progress `(t - decay_start) / decay`. `total=None`: `warmup` and `decay` are fractions of the phase."""
+    _repr_names = ('peak', 'warmup', 'decay', 'end', 'start', 'decay_shape', 'total')
+    def __init__(self, peak, warmup, decay, end=0., start=0., decay_shape: str = 'linear', total=None):
+        if decay_shape not in _WSD_DECAYS: raise ValueError(f"decay_shape must be one of {list(_WSD_DECAYS)}, got {decay_shape!r}")
+        self.total, self._total = total, _check_total(total)
+        self.warmup = _check_length(warmup, 'warmup', self._total, zero_ok=True)
+        self.decay = _check_length(decay, 'decay', self._total, zero_ok=True)
+        if self.warmup + self.decay > self._total * (1 + _SNAP_TOL):
+            raise ValueError(f"warmup + decay must fit in the phase (total={self._total:g}), got {warmup!r} + {decay!r}")
+        self._up, self._flat = SchedLin(start, peak), SchedConst(peak)
+        self._down = _WSD_DECAYS[decay_shape](peak, end)
+        self.peak, self.start, self.end, self.decay_shape = self._flat.value, self._up.start, self._down.end, decay_shape
+        self._decay_start = self._total - self.decay
+
+    def _value(self, pct):
+        t = _snap(pct * self._total)
+        if t < self.warmup: return self._up(t / self.warmup)
+        if t < self._decay_start: return self._flat(0.)
+        return self._down(min((t - self._decay_start) / self.decay, 1.)) if self.decay else self._flat(0.)
+
+# %% ../nbs/06_schedule.ipynb #9b1fdef6
+class SchedWindow(Schedule):
+    """The part of `sched` between positions `start` and `end` (0 <= start < end <= 1), stretched over the phase: a schedule
+    whose horizon is longer than the phase (`SchedWindow(SchedCos(1e-3, 0), end=0.6)`: a run stopped at 60% of a cosine
+    planned for longer), or one continued in a later phase (`start=0.6`)."""
+    _repr_names = ('sched', 'start', 'end')
+    def __init__(self, sched, start: float = 0., end: float = 1.):
+        if not callable(sched): raise ValueError(f"SchedWindow needs a schedule (a callable pct -> value), got {sched!r}")
+        if not (_is_real(start) and _is_real(end) and 0 <= start < end <= 1):
+            raise ValueError(f"SchedWindow: need 0 <= start < end <= 1 (positions in the longer schedule), got start={start!r}, end={end!r}")
+        self.sched, self.start, self.end, self._width = sched, float(start), float(end), float(end) - float(start)
+    def _value(self, pct): return self.sched(min(self.start + pct * self._width, self.end))
