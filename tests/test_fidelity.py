@@ -98,21 +98,123 @@ class StepValues(Callback):
     def after_step(self): self.steps.append((self.learn.train_iter, self.learn.opt.get_hyper('lr')[0]))
 
 
-@pytest.mark.parametrize('plan', PLAN_NAMES)
-def test_gradient_accumulation_steps_with_the_last_batch_values(plan):
-    learn = make_learner()
-    preview = learn.preview(make_plan(plan))
-    log = StepValues()
-    fit(learn, plan, cbs=[GradientAccumulation(n_acc=4), log])
-    assert_follows(learn, preview)
-    # a step happens after the last batch of each group of 4 (or the pass's last batch) and uses that batch's values
-    ends, start = [], 0
-    for passes in preview.lengths:
+def step_groups(lengths, n_acc):
+    "Per optimizer step, the fit's batch indices it is made of (a pass steps every n_acc batches and after its last)."
+    groups, start = [], 0
+    for passes in lengths:
         for n in passes:
-            ends += [start + i for i in range(n) if (i + 1) % 4 == 0 or i + 1 == n]
+            groups += [list(range(start + i, min(start + i + n_acc, start + n))) for i in range(0, n, n_acc)]
             start += n
-    assert [i for i, _ in log.steps] == ends
-    assert [lr for _, lr in log.steps] == [float(preview['lr'][i, 0]) for i in ends]
+    return groups
+
+
+@pytest.mark.parametrize('plan', PLAN_NAMES)
+def test_gradient_accumulation_moves_schedules_per_step(plan):
+    learn = make_learner()
+    accumulate = GradientAccumulation(n_acc=4)
+    preview = learn.preview(make_plan(plan), cbs=[accumulate])
+    log = StepValues()
+    fit(learn, plan, cbs=[accumulate, log])
+    assert_follows(learn, preview)
+    groups = step_groups(preview.lengths, 4)
+    assert [i for i, _ in log.steps] == [g[-1] for g in groups]         # a step after each group's last batch...
+    assert [lr for _, lr in log.steps] == [float(preview['lr'][g[-1], 0]) for g in groups]
+    for name, values in preview.items():                                # ...and every batch of a group has its step's values
+        for g in groups: np.testing.assert_array_equal(values[g], np.repeat(values[g[:1]], len(g), 0), err_msg=name)
+    k, n = 0, sum(len(step_groups([p], 4)) for p in preview.lengths[:1])   # phase 0: step k of n is at k / n
+    first_phase = make_plan(plan)[0].hypers['lr']
+    assert [lr for _, lr in log.steps[:n]] == [float(np.asarray(first_phase(k / n)).reshape(-1)[0]) for k in range(n)]
+
+
+def acc_plan() -> list:
+    "Lengths in optimizer steps and in samples, a ragged last batch (1438 = 22 x 64 + 30), attributes, two batch sizes."
+    return [TrainingPhase(steps=5, lr=SchedLin(1e-4, 1e-2), attrs={'model.2.p': SchedLin(0.5, 0.1)}),
+            TrainingPhase(samples=2 * 1438, lr=SchedCos(1e-2, 1e-3), mom=SchedLin(0.9, 0.95)),
+            TrainingPhase(steps=7, bs=128, lr=SchedCosRestarts(1e-3, 1e-5, period=3, total=7), wd=SchedLin(0.01, 0.1))]
+
+
+def test_samples_count_what_is_really_seen():
+    "Two epochs of 1438 samples are 46 batches (not the nominal ceil(2876 / 64) = 45), and the preview says 2876."
+    learn = make_learner()
+    plan = [TrainingPhase(samples=2 * 1438, lr=SchedCos(1e-2, 1e-3), mom=SchedLin(0.9, 0.95)), TrainingPhase(samples=1500, lr=1e-3)]
+    preview = learn.preview(plan)
+    assert preview.lengths == [[23, 23], [23, 1]] and preview.samples == [2876, 1438 + 64]
+    learn.fit_phases(plan)
+    assert_follows(learn, preview)
+    assert learn.recorder.phase_samples == preview.samples
+
+
+def test_steps_and_samples_under_accumulation_follow_preview():
+    learn = make_learner()
+    accumulate = GradientAccumulation(n_acc=4)
+    learn.add_cb(accumulate)
+    preview = learn.preview(acc_plan())
+    # 23 batches a pass are 6 steps (5 x 4 + 3); at bs 128, 12 batches are 3 steps: 7 steps are 2 passes and 4 batches
+    assert preview.lengths == [[20], [23, 23], [12, 12, 4]]
+    assert preview.samples == [20 * 64, 2876, 2 * 1438 + 4 * 128]
+    log = StepValues()
+    learn.fit_phases(acc_plan(), cbs=[log])
+    assert_follows(learn, preview)
+    assert learn.recorder.phase_samples == preview.samples
+    groups = step_groups(preview.lengths, 4)
+    assert len(log.steps) == len(groups) == 5 + 12 + 7
+    restarts = SchedCosRestarts(1e-3, 1e-5, period=3, total=7)
+    assert [lr for _, lr in log.steps[-7:]] == [restarts(k / 7) for k in range(7)]
+
+
+class Interrupt(Callback):
+    order = 100
+    def __init__(self, at: int): self.at = at
+    def after_batch(self):
+        if self.learn.training and self.learn.train_iter == self.at: raise RuntimeError('interrupted')
+
+
+def test_resume_mid_step_under_accumulation_follows_preview(tmp_path):
+    "Checkpoints every 5 batches fall inside groups of 4; a fit stopped at batch 57 resumes from 55 in a fresh learner."
+    reference = make_learner(cbs=[GradientAccumulation(n_acc=4)])
+    preview = reference.preview(acc_plan())
+    reference.fit_phases(acc_plan())
+    checkpoint = lambda: CheckpointCallback(every_iters=5, every_epochs=None)
+    learn = make_learner(cbs=[GradientAccumulation(n_acc=4)], path=tmp_path)
+    with pytest.raises(RuntimeError, match='interrupted'): learn.fit_phases(acc_plan(), cbs=[checkpoint(), Interrupt(57)])
+    assert read_checkpoint(learn, 'checkpoint')['train_iter'] == 55
+    resumed = make_learner(cbs=[GradientAccumulation(n_acc=4)], path=tmp_path)
+    resumed.fit_phases(acc_plan(), cbs=[checkpoint()], resume='checkpoint')
+    assert_follows(resumed, preview)
+    for p, q in zip(resumed.model.parameters(), reference.model.parameters()): assert torch.equal(p, q)
+
+
+def test_nanogpt_recipe_with_gradient_accumulation():
+    "nanoGPT's warm-up and cosine to a floor (train.py's get_lr, iterations 0..max_iters), as phases of built-ins."
+    learning_rate, min_lr, warmup_iters, lr_decay_iters, max_iters = 6e-4, 6e-5, 8, 30, 34
+    def get_lr(it):   # as nanoGPT's train.py has it
+        # 1) linear warmup for warmup_iters steps
+        if it < warmup_iters:
+            return learning_rate * (it + 1) / (warmup_iters + 1)
+        # 2) if it > lr_decay_iters, return min learning rate
+        if it > lr_decay_iters:
+            return min_lr
+        # 3) in between, use cosine decay down to min learning rate
+        decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+        assert 0 <= decay_ratio <= 1
+        coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) # coeff ranges 0..1
+        return min_lr + coeff * (learning_rate - min_lr)
+    # nanoGPT counts the warm-up from 1 ((it + 1) / (warmup + 1)): a line from lr / (W + 1) that would reach lr at step W
+    plan = [TrainingPhase(steps=warmup_iters, lr=SchedLin(learning_rate / (warmup_iters + 1), learning_rate)),
+            TrainingPhase(steps=lr_decay_iters - warmup_iters, lr=SchedCos(learning_rate, min_lr)),
+            TrainingPhase(steps=max_iters - lr_decay_iters + 1, lr=min_lr)]
+    learn = make_learner(cbs=[GradientAccumulation(n_acc=4)])
+    log = StepValues()
+    learn.fit_phases(plan, cbs=[log])
+    expected = np.array([get_lr(it) for it in range(max_iters + 1)])
+    got = np.array([lr for _, lr in log.steps])
+    assert len(got) == max_iters + 1 == len(step_groups(learn.preview(plan).lengths, 4))
+    # the same numbers step for step; nanoGPT writes lr * (it + 1) / (W + 1) and min + coeff * (lr - min) where the built-ins
+    # compute start + pct * (end - start) and a cosine kept exact at both ends: the roundings differ by at most 4 ulp (1e-15)
+    np.testing.assert_array_max_ulp(got, expected, maxulp=4)
+    np.testing.assert_allclose(got, expected, rtol=1e-15, atol=0)
+    recorded = learn.recorder.hyper('lr')[:, 0]
+    for g, lr in zip(step_groups(learn.preview(plan).lengths, 4), got): assert (recorded[g] == lr).all()   # every micro-batch
 
 
 @pytest.mark.parametrize('plan', PLAN_NAMES)
