@@ -10,8 +10,8 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['Schedule', 'SchedLin', 'SchedCos', 'SchedExp', 'SchedPoly', 'SchedConst', 'SchedNo', 'CombinedSchedule',
-           'combine_scheds', 'SchedStep', 'SchedMultiStep', 'SchedExpDecay', 'SchedInvSqrt', 'SchedPolyDecay',
-           'SchedCyclic', 'SchedCosRestarts', 'SchedSqrtDecay', 'SchedWSD', 'SchedWindow']
+           'combine_scheds', 'SchedStep', 'SchedMultiStep', 'SchedExpDecay', 'SchedInvTime', 'SchedInvSqrt',
+           'SchedPolyDecay', 'SchedCyclic', 'SchedCosRestarts', 'SchedSqrtDecay', 'SchedWSD', 'SchedWindow']
 
 # %% ../nbs/06_schedule.ipynb #22bfcc6a
 _PCT_TOL = 1e-9  # how far outside [0, 1] a pct may stray by rounding before it is an error
@@ -312,6 +312,20 @@ class SchedExpDecay(_FactorSchedule):
     def _factor(self, t):
         e = t / self.period
         return self.rate ** (math.floor(_snap(e)) if self.staircase else e)
+
+# %% ../nbs/06_schedule.ipynb #92cb53a9
+class SchedInvTime(_FactorSchedule):
+    """Inverse time decay: `start / (1 + rate * t / period)`, `t / period` floored with `staircase=True` (Keras'
+    `InverseTimeDecay(initial, decay_steps=period, decay_rate=rate, staircase)`)."""
+    _repr_names = ('start', 'rate', 'period', 'staircase', 'total')
+    def __init__(self, start, rate: float, period: float = 1., staircase: bool = False, total=None):
+        super().__init__(start, total)
+        if not _is_real(rate) or not 0 <= rate < math.inf: raise ValueError(f"rate must be a finite number >= 0, got {rate!r}")
+        if not _is_real(period) or not 0 < period < math.inf: raise ValueError(f"period must be a finite number > 0, got {period!r}")
+        self.rate, self.period, self.staircase = float(rate), float(period), bool(staircase)
+    def _factor(self, t):
+        e = t / self.period
+        return 1 / (1 + self.rate * (math.floor(_snap(e)) if self.staircase else e))
 
 # %% ../nbs/06_schedule.ipynb #cb395c67
 class SchedInvSqrt(_FactorSchedule):

@@ -150,6 +150,21 @@ def test_keras_cosine_decay_restarts_without_alpha():
     np.testing.assert_allclose(got, [keras(k) for k in range(n)], rtol=1e-12, atol=1e-18)
 
 
+@pytest.mark.parametrize('staircase', [False, True])
+def test_keras_inverse_time_decay(staircase):
+    "Keras InverseTimeDecay: initial / (1 + decay_rate * step / decay_steps), the ratio floored with staircase=True."
+    n = 80
+    expected = [0.1 / (1 + 0.5 * (math.floor(k / 12) if staircase else k / 12)) for k in range(n)]
+    np.testing.assert_allclose(ours(SchedInvTime(0.1, 0.5, period=12, staircase=staircase, total=n), n)[:, 0], expected, rtol=1e-14)
+
+
+def test_ignite_linear_cyclical():
+    "ignite LinearCyclicalScheduler(start, end, cycle_size): end + (start - end) * |progress - 0.5| * 2 within each cycle."
+    n, size = 90, 20
+    expected = [0.1 + (0.01 - 0.1) * abs((k % size) / size - 0.5) * 2 for k in range(n)]
+    np.testing.assert_allclose(ours(SchedCyclic(0.01, 0.1, step_up=size / 2, total=n), n)[:, 0], expected, rtol=1e-13)
+
+
 def test_hugging_face_inverse_sqrt():
     "HF get_inverse_sqrt_schedule: step / max(1, warmup) during warm-up, then 1 / sqrt((step + timescale - warmup) / timescale)."
     n, w = 300, 40
@@ -237,7 +252,7 @@ def test_slices_schedule_both_ends(make):
 
 
 @pytest.mark.parametrize('sched', [SchedStep(0.1, 3, total=10), SchedMultiStep(0.1, [0.5]), SchedExpDecay(0.1, 0.5),
-                                   SchedInvSqrt(0.1, 0.1), SchedPolyDecay(0.1), SchedCyclic(0.01, 0.1, 0.25),
+                                   SchedInvSqrt(0.1, 0.1), SchedInvTime(0.1, 2.), SchedPolyDecay(0.1), SchedCyclic(0.01, 0.1, 0.25),
                                    SchedCosRestarts(0.1, period=0.3, period_mult=2), SchedWSD(0.1, 0.1, 0.2),
                                    SchedSqrtDecay(0.1, 0.), SchedWindow(SchedCos(0.1, 0.), 0.2, 0.5)])
 def test_every_builtin_has_a_readable_repr_a_plot_and_a_cheap_call(sched):
