@@ -32,6 +32,7 @@ class GradientAccumulation(Callback):
     by the size of its group of batches (`n_acc`, or fewer for the last group of a pass, which is stepped too)."""
     order = 20
     run_before = (MixedPrecision, FP16Training, GradientClip)
+    n_acc = 2   # the default, readable on the class too: the phase scheduler asks a callback given as a class for its n_acc
     def __init__(self, n_acc: int = 2):
         if isinstance(n_acc, bool) or not isinstance(n_acc, numbers.Integral) or n_acc < 1:
             raise ValueError(f"n_acc must be a positive integer (training batches per optimizer step), got {n_acc!r}")
