@@ -399,17 +399,18 @@ class SchedCyclic(_StartEndSchedule):
 # %% ../nbs/06_schedule.ipynb #22b328ab
 class SchedCosRestarts(_StartEndSchedule):
     """Cosine annealing with warm restarts (SGDR) inside one schedule: cycle `i` goes from `start * peak_mult**i` down to
-    the floor `end` by a cosine, over `period * period_mult**i` units. With `total=n` (units of a phase of `n` steps) each
+    the floor `end * end_mult**i` by a cosine, over `period * period_mult**i` units (ignite's `start_value_mult` and
+    `end_value_mult` are `peak_mult` and `end_mult`). With `total=n` (units of a phase of `n` steps) each
     cycle's length is truncated from the previous one, `int(period_mult * previous)`, as torch
     (`CosineAnnealingWarmRestarts`), ignite and Composer do; with `total=None` lengths are fractions of the phase."""
-    _repr_names = ('start', 'end', 'period', 'period_mult', 'peak_mult', 'total')
-    def __init__(self, start, end=0., period=1., period_mult: float = 1., peak_mult: float = 1., total=None):
+    _repr_names = ('start', 'end', 'period', 'period_mult', 'peak_mult', 'end_mult', 'total')
+    def __init__(self, start, end=0., period=1., period_mult: float = 1., peak_mult: float = 1., end_mult: float = 1., total=None):
         super().__init__(start, end)
         self.total, self._total = total, _check_total(total)
         self.period = _check_length(period, 'period', math.inf)
-        for name, v in (('period_mult', period_mult), ('peak_mult', peak_mult)):
+        for name, v in (('period_mult', period_mult), ('peak_mult', peak_mult), ('end_mult', end_mult)):
             if not _is_real(v) or not (0 < v < math.inf): raise ValueError(f"{name} must be a number > 0, got {v!r}")
-        self.period_mult, self.peak_mult = float(period_mult), float(peak_mult)
+        self.period_mult, self.peak_mult, self.end_mult = float(period_mult), float(peak_mult), float(end_mult)
         starts, lengths, length = [0.], [], self.period   # every cycle that starts in [0, total), found once
         while True:
             if total is not None and (length < 1 or length != int(length)):
@@ -425,6 +426,7 @@ class SchedCosRestarts(_StartEndSchedule):
             length = int(self.period_mult * length) if total is not None else self.period_mult * length
         self._starts, self._lengths = starts, lengths
         self._peaks = [self._start * self.peak_mult ** i for i in range(len(starts))]
+        self._floors = [self._end * self.end_mult ** i for i in range(len(starts))]
 
     @property
     def cycle_lengths(self) -> list:
@@ -434,8 +436,8 @@ class SchedCosRestarts(_StartEndSchedule):
     def _value(self, pct):
         t = _snap(pct * self._total)
         i = bisect_right(self._starts, t) - 1
-        peak, tc = self._peaks[i], t - self._starts[i]
-        return self._end + (peak - self._end) * (1 + math.cos(math.pi * tc / self._lengths[i])) / 2
+        peak, floor, tc = self._peaks[i], self._floors[i], t - self._starts[i]
+        return floor + (peak - floor) * (1 + math.cos(math.pi * tc / self._lengths[i])) / 2
 
 # %% ../nbs/06_schedule.ipynb #9a93e120
 class SchedSqrtDecay(_StartEndSchedule):

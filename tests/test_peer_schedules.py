@@ -77,13 +77,13 @@ def test_cosine_annealing_warm_restarts_bit_for_bit(t_mult):
     np.testing.assert_array_equal(got, expected)
 
 
-def ignite_cosine(n, start, end, cycle_size, cycle_mult, start_value_mult):
+def ignite_cosine(n, start, end, cycle_size, cycle_mult, start_value_mult, end_value_mult=1.):
     "ignite's CosineAnnealingScheduler as its docs define it: cycle restarts when the event index reaches the cycle size, "
-    "then `cycle_size = int(cycle_size * cycle_mult)` and `start_value *= start_value_mult`."
+    "then `cycle_size = int(cycle_size * cycle_mult)`, `start_value *= start_value_mult`, `end_value *= end_value_mult`."
     out, idx = [], 0
     for _ in range(n):
         if idx != 0 and idx % cycle_size == 0:
-            idx, cycle_size, start = 0, int(cycle_size * cycle_mult), start * start_value_mult
+            idx, cycle_size, start, end = 0, int(cycle_size * cycle_mult), start * start_value_mult, end * end_value_mult
         out.append(start + (end - start) / 2 * (1 - math.cos(math.pi * idx / cycle_size)))
         idx += 1
     return np.array(out)
@@ -94,6 +94,9 @@ def test_ignite_cosine_with_fractional_cycle_mult_and_peak_mult():
     expected = ignite_cosine(n, 0.1, 1e-3, 20, 1.3, 0.7)
     sched = SchedCosRestarts(0.1, 1e-3, period=20, period_mult=1.3, peak_mult=0.7, total=n)
     assert sched.cycle_lengths == [20, 26, 33, 42, 54, 70]
+    np.testing.assert_allclose(ours(sched, n)[:, 0], expected, rtol=1e-12, atol=1e-16)
+    expected = ignite_cosine(n, 0.1, 1e-2, 20, 1.3, 0.7, end_value_mult=0.5)
+    sched = SchedCosRestarts(0.1, 1e-2, period=20, period_mult=1.3, peak_mult=0.7, end_mult=0.5, total=n)
     np.testing.assert_allclose(ours(sched, n)[:, 0], expected, rtol=1e-12, atol=1e-16)
 
 
