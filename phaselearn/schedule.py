@@ -446,22 +446,31 @@ class SchedSqrtDecay(_StartEndSchedule):
 
 _WSD_DECAYS = {'linear': SchedLin, 'cosine': SchedCos, '1-sqrt': SchedSqrtDecay}
 
+class _SchedSqrtRise(_StartEndSchedule):
+    "The '1-sqrt' warm-up of Hugging Face's WSD: `start + (end - start) * (1 - sqrt(1 - pct))`, steep first."
+    def _value(self, pct): return self._start + (1. - math.sqrt(1. - pct)) * self._delta
+
+_WSD_WARMUPS = {'linear': SchedLin, 'cosine': SchedCos, '1-sqrt': _SchedSqrtRise}
+
 class SchedWSD(Schedule):
     """Warmup-stable-decay, the schedule of current LLM pre-training: linear warm-up from `start` to `peak` over `warmup`
     units, `peak` held, then a decay to `end` over the last `decay` units, shaped `decay_shape` ('linear', 'cosine' or
-    '1-sqrt'). Positions as in Hugging Face's `get_wsd_schedule`: warm-up value `start + (peak - start) * t / warmup`,
-    decay progress `(t - decay_start) / decay`. `total=None`: `warmup` and `decay` are fractions of the phase."""
-    _repr_names = ('peak', 'warmup', 'decay', 'end', 'start', 'decay_shape', 'total')
-    def __init__(self, peak, warmup, decay, end=0., start=0., decay_shape: str = 'linear', total=None):
+    '1-sqrt'; the warm-up shaped `warmup_shape`, the same three). Positions as in Hugging Face's `get_wsd_schedule`:
+    warm-up progress `t / warmup`, decay progress `(t - decay_start) / decay`. `total=None`: `warmup` and `decay` are
+    fractions of the phase."""
+    _repr_names = ('peak', 'warmup', 'decay', 'end', 'start', 'decay_shape', 'warmup_shape', 'total')
+    def __init__(self, peak, warmup, decay, end=0., start=0., decay_shape: str = 'linear', warmup_shape: str = 'linear', total=None):
         if decay_shape not in _WSD_DECAYS: raise ValueError(f"decay_shape must be one of {list(_WSD_DECAYS)}, got {decay_shape!r}")
+        if warmup_shape not in _WSD_WARMUPS: raise ValueError(f"warmup_shape must be one of {list(_WSD_WARMUPS)}, got {warmup_shape!r}")
         self.total, self._total = total, _check_total(total)
         self.warmup = _check_length(warmup, 'warmup', self._total, zero_ok=True)
         self.decay = _check_length(decay, 'decay', self._total, zero_ok=True)
         if self.warmup + self.decay > self._total * (1 + _SNAP_TOL):
             raise ValueError(f"warmup + decay must fit in the phase (total={self._total:g}), got {warmup!r} + {decay!r}")
-        self._up, self._flat = SchedLin(start, peak), SchedConst(peak)
+        self._up, self._flat = _WSD_WARMUPS[warmup_shape](start, peak), SchedConst(peak)
         self._down = _WSD_DECAYS[decay_shape](peak, end)
-        self.peak, self.start, self.end, self.decay_shape = self._flat.value, self._up.start, self._down.end, decay_shape
+        self.peak, self.start, self.end = self._flat.value, self._up.start, self._down.end
+        self.decay_shape, self.warmup_shape = decay_shape, warmup_shape
         self._decay_start = self._total - self.decay
 
     def _value(self, pct):

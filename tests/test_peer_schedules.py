@@ -189,19 +189,23 @@ def test_hugging_face_polynomial_decay_with_warmup():
     np.testing.assert_allclose(preview['lr'][:, 0], [hf(k) for k in range(total)], rtol=1e-13)
 
 
+@pytest.mark.parametrize('warmup', ['linear', 'cosine', '1-sqrt'])
 @pytest.mark.parametrize('decay', ['linear', 'cosine', '1-sqrt'])
-def test_hugging_face_wsd(decay):
-    "HF get_wsd_schedule(warmup, decay, stable, decay_type, min_lr_ratio): factor min + (1 - min) * f(progress), f the "
-    "warm-up's progress, then 1, then 1 - p, (1 + cos(pi p)) / 2 or 1 - sqrt(p) over the decay."
+def test_hugging_face_wsd(decay, warmup):
+    "HF get_wsd_schedule(warmup, decay, stable, warmup_type, decay_type, min_lr_ratio): factor min + (1 - min) * f(progress), "
+    "f the warm-up's p, (1 - cos(pi p)) / 2 or 1 - sqrt(1 - p), then 1, then 1 - p, (1 + cos(pi p)) / 2 or 1 - sqrt(p)."
     w, s, d, lr, m = 10, 50, 40, 0.1, 0.05
     def hf(step):
-        if step < w: return m + (1 - m) * step / w
+        if step < w:
+            p = step / w
+            f = {'linear': p, 'cosine': 0.5 * (1 - math.cos(math.pi * p)), '1-sqrt': 1 - math.sqrt(1 - p)}[warmup]
+            return m + (1 - m) * f
         if step < w + s: return 1.
         p = (step - w - s) / d
         f = {'linear': 1 - p, 'cosine': 0.5 * (1 + math.cos(math.pi * p)), '1-sqrt': 1 - math.sqrt(p)}[decay]
         return m + (1 - m) * f
     n = w + s + d
-    sched = SchedWSD(lr, warmup=w, decay=d, end=lr * m, start=lr * m, decay_shape=decay, total=n)
+    sched = SchedWSD(lr, warmup=w, decay=d, end=lr * m, start=lr * m, decay_shape=decay, warmup_shape=warmup, total=n)
     np.testing.assert_allclose(ours(sched, n)[:, 0], [lr * hf(k) for k in range(n)], rtol=1e-13)
 
 
