@@ -368,12 +368,33 @@ class SchedPolyDecay(_StartEndSchedule):
 # %% ../nbs/06_schedule.ipynb #80b14d06
 _CYCLIC_MODES = ('triangular', 'triangular2', 'exp_range')
 
+def _cycle_spans(name: str, args: str, period: float, mult: float, total) -> tuple:
+    """`(starts, lengths)` of every cycle that starts in the phase: the first `period` units long, each next `mult` times
+    the previous; with `total=n` whole units, truncated from the previous cycle (`int(mult * previous)`, as torch, ignite
+    and Composer do), with `total=None` fractions of the phase. Found once, at construction: a call is a bisection."""
+    bound = _check_total(total)
+    starts, lengths, length = [0.], [], period
+    while True:
+        if total is not None and (length < 1 or length != int(length)):
+            raise ValueError(f"{name}: cycle {len(lengths)} would last {length!r} units; with total= a period is a whole "
+                             f"number of units and the multiplier must keep it >= 1, got {args}")
+        if total is None and (length < 1e-9 or len(lengths) > 100_000):
+            raise ValueError(f"{name}: cycles shrink too fast to ever cover the phase ({args})")
+        lengths.append(int(length) if total is not None else length)
+        if starts[-1] + length >= bound: break
+        starts.append(starts[-1] + length)
+        length = int(mult * length) if total is not None else mult * length
+    return starts, lengths
+
 class SchedCyclic(_StartEndSchedule):
     """Smith's cyclical rates, as torch's `CyclicLR` computes them: from `start` up to `end` over `step_up` units, back
     down over `step_down` (default `step_up`), again and again. `mode='triangular'` keeps the height, `'triangular2'`
-    halves it every cycle, `'exp_range'` multiplies it by `gamma ** t`. Units: `total=n` for a phase of `n` steps."""
-    _repr_names = ('start', 'end', 'step_up', 'step_down', 'mode', 'gamma', 'total')
-    def __init__(self, start, end, step_up, step_down=None, mode: str = 'triangular', gamma: float = 1., total=None):
+    halves it every cycle, `'exp_range'` multiplies it by `gamma ** t`. Units: `total=n` for a phase of `n` steps.
+    `cycle_mult` (ignite's) makes cycle `i` last `(step_up + step_down) * cycle_mult**i` units, the share going up kept;
+    with `total=n` each cycle is truncated from the previous one, `int(cycle_mult * previous)`."""
+    _repr_names = ('start', 'end', 'step_up', 'step_down', 'mode', 'gamma', 'cycle_mult', 'total')
+    def __init__(self, start, end, step_up, step_down=None, mode: str = 'triangular', gamma: float = 1., cycle_mult: float = 1.,
+                 total=None):
         super().__init__(start, end)
         self.total, self._total = total, _check_total(total)
         if mode not in _CYCLIC_MODES: raise ValueError(f"mode must be one of {_CYCLIC_MODES}, got {mode!r}")
@@ -385,11 +406,21 @@ class SchedCyclic(_StartEndSchedule):
         self.mode, self.gamma = mode, float(gamma)
         self._size = self.step_up + self.step_down
         self._ratio = self.step_up / self._size
+        if not _is_real(cycle_mult) or not (0 < cycle_mult < math.inf):
+            raise ValueError(f"cycle_mult must be a number > 0 (each cycle's length over the previous one's), got {cycle_mult!r}")
+        self.cycle_mult, self._starts = float(cycle_mult), None   # cycle_mult=1: torch's closed form, every cycle alike
+        if self.cycle_mult != 1:
+            self._starts, self._lengths = _cycle_spans('SchedCyclic', f"step_up + step_down={self._size!r}, cycle_mult={cycle_mult!r}",
+                                                       self._size, self.cycle_mult, total)
 
     def _value(self, pct):
         t = _snap(pct * self._total)
-        cycle = math.floor(1 + t / self._size)
-        x = 1. + t / self._size - cycle
+        if self._starts is None:
+            cycle = math.floor(1 + t / self._size)
+            x = 1. + t / self._size - cycle
+        else:
+            i = bisect_right(self._starts, t) - 1
+            cycle, x = i + 1, (t - self._starts[i]) / self._lengths[i]
         scale = x / self._ratio if x <= self._ratio else (x - 1) / (self._ratio - 1)
         height = self._delta * scale
         if self.mode == 'triangular': return self._start + height * 1.
@@ -411,22 +442,10 @@ class SchedCosRestarts(_StartEndSchedule):
         for name, v in (('period_mult', period_mult), ('peak_mult', peak_mult), ('end_mult', end_mult)):
             if not _is_real(v) or not (0 < v < math.inf): raise ValueError(f"{name} must be a number > 0, got {v!r}")
         self.period_mult, self.peak_mult, self.end_mult = float(period_mult), float(peak_mult), float(end_mult)
-        starts, lengths, length = [0.], [], self.period   # every cycle that starts in [0, total), found once
-        while True:
-            if total is not None and (length < 1 or length != int(length)):
-                raise ValueError(f"SchedCosRestarts: cycle {len(lengths)} would last {length!r} units; with total= a period "
-                                 f"is a whole number of units and period_mult must keep it >= 1, got period={period!r}, "
-                                 f"period_mult={period_mult!r}")
-            if total is None and (length < 1e-9 or len(lengths) > 100_000):
-                raise ValueError(f"SchedCosRestarts: cycles shrink too fast to ever cover the phase (period={period!r}, "
-                                 f"period_mult={period_mult!r})")
-            lengths.append(int(length) if total is not None else length)
-            if starts[-1] + length >= self._total: break
-            starts.append(starts[-1] + length)
-            length = int(self.period_mult * length) if total is not None else self.period_mult * length
-        self._starts, self._lengths = starts, lengths
-        self._peaks = [self._start * self.peak_mult ** i for i in range(len(starts))]
-        self._floors = [self._end * self.end_mult ** i for i in range(len(starts))]
+        self._starts, self._lengths = _cycle_spans('SchedCosRestarts', f"period={period!r}, period_mult={period_mult!r}",
+                                                   self.period, self.period_mult, total)
+        self._peaks = [self._start * self.peak_mult ** i for i in range(len(self._starts))]
+        self._floors = [self._end * self.end_mult ** i for i in range(len(self._starts))]
 
     @property
     def cycle_lengths(self) -> list:

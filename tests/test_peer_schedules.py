@@ -168,6 +168,24 @@ def test_ignite_linear_cyclical():
     np.testing.assert_allclose(ours(SchedCyclic(0.01, 0.1, step_up=size / 2, total=n), n)[:, 0], expected, rtol=1e-13)
 
 
+def ignite_linear_cyclical(n, start, end, cycle_size, cycle_mult):
+    "ignite's LinearCyclicalScheduler as its docs define it: end + (start - end) * |progress - 0.5| * 2, progress the event "
+    "index over the cycle size; at the cycle's end the index restarts and `cycle_size = int(cycle_size * cycle_mult)`."
+    out, idx = [], 0
+    for _ in range(n):
+        if idx != 0 and idx % cycle_size == 0: idx, cycle_size = 0, int(cycle_size * cycle_mult)
+        out.append(end + (start - end) * abs(idx / cycle_size - 0.5) * 2)
+        idx += 1
+    return np.array(out)
+
+
+@pytest.mark.parametrize('cycle_mult', [1.5, 2, 1.3])
+def test_ignite_linear_cyclical_with_cycle_mult(cycle_mult):
+    n, size = 120, 20
+    sched = SchedCyclic(0.01, 0.1, step_up=size / 2, cycle_mult=cycle_mult, total=n)
+    np.testing.assert_allclose(ours(sched, n)[:, 0], ignite_linear_cyclical(n, 0.01, 0.1, size, cycle_mult), rtol=1e-13)
+
+
 def test_hugging_face_inverse_sqrt():
     "HF get_inverse_sqrt_schedule: step / max(1, warmup) during warm-up, then 1 / sqrt((step + timescale - warmup) / timescale)."
     n, w = 300, 40
