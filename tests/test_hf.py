@@ -167,11 +167,12 @@ def test_epoch_means_are_exact_without_targets():
     "20 samples in batches of 8, 8, 4 with no targets: each batch weighs its size, and samples counts samples."
     torch.manual_seed(0)
     x, xv = torch.randn(64, 4), torch.randn(20, 4) * torch.arange(1, 21.).unsqueeze(1)   # very different batch losses
-    dls = DataLoaders(TensorLoader(x, bs=8, shuffle=True), TensorLoader(xv, bs=8))
-    learn = Learner(dls, DictOut(), device='cpu', default_cbs=False, cbs=[Recorder()])
+    dls = DataLoaders(TensorLoader(x, bs=8, shuffle=True), TensorLoader(xv, bs=8))   # batches (x,): no targets
+    learn = Learner(dls, nn.Linear(4, 3), loss_func=lambda pred: pred.pow(2).mean(), device='cpu', default_cbs=False,
+                    cbs=[Recorder()])
     learn.fit(1, lr=1e-3)
     assert learn.progress.samples == 64
-    with torch.no_grad(): per_sample = learn.model.lin(xv).pow(2).mean(1)
+    with torch.no_grad(): per_sample = learn.model(xv).pow(2).mean(1)
     assert learn.validate()[0] == pytest.approx(per_sample.mean().item(), rel=1e-5)
 
 
@@ -329,9 +330,9 @@ def test_nanogpt_recipe_matches_a_hand_written_loop():
     assert len(recorded) == N
     assert recorded == pytest.approx(lrs, rel=1e-12, abs=1e-18)
     assert learn.opt.get_hyper('mom') == [0.9] and learn.opt.get_hyper('sqr_mom') == [0.95]   # the user's betas stand
-    assert learn.opt.exempt_names == sorted(n for n, p in ours.named_parameters() if p.dim() < 2)
     for (name, p), q in zip(ours.named_parameters(), model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+    assert learn.opt.exempt_names == sorted(n for n, p in ours.named_parameters() if p.dim() < 2)
 
 
 # ---- kill -9 in the middle of fitting a Hugging Face model, resume bit-identical ----
