@@ -139,6 +139,24 @@ def test_model_without_a_loss_and_no_loss_func():
                 device='cpu').fit(1)
 
 
+def test_dict_batch_with_a_loss_func_calls_model_with_keywords():
+    "Item 2 on its own (a loss_func given): the dict batch is model(**batch), yb is (batch['labels'],); equals a hand loop."
+    model, loss_func = gpt2(), lambda out, labels: F.cross_entropy(out.logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1))
+    start = copy.deepcopy(model.state_dict())
+    seen = []
+    class Keep(Callback):
+        def before_batch(self):
+            if self.training: seen.append(self.learn.xb[0])
+    learn = hf_learner(model, loss_func=loss_func, opt_func=torch.optim.SGD, wd=0., cbs=[Keep()])
+    learn.fit(1, lr=0.1)
+    assert len(seen) == 2 and torch.equal(learn.yb[0], learn.xb[0]['labels'])
+    by_hand = gpt2(); by_hand.load_state_dict(start); by_hand.train()
+    opt = torch.optim.SGD(by_hand.parameters(), lr=0.1)
+    for b in seen:                                     # the batches the learner trained on, in its order
+        loss_func(by_hand(**b), b['labels']).backward(); opt.step(); opt.zero_grad()
+    for k, v in by_hand.state_dict().items(): torch.testing.assert_close(learn.model.state_dict()[k], v, rtol=0, atol=1e-6, msg=k)
+
+
 # ---- item 4: outputs that are not tensors ----
 
 class DictOut(nn.Module):
@@ -159,6 +177,20 @@ def test_get_preds_gathers_dict_and_tuple_outputs_in_dataset_order():
     torch.testing.assert_close(preds['hidden'], h)
     torch.testing.assert_close(preds['pair'][0], h.sum(1)); torch.testing.assert_close(preds['pair'][1], x)
     assert preds['loss'].shape == (3,)              # 0-d fields: one value per batch
+
+
+def test_model_output_with_tuple_batches_metrics_and_get_preds():
+    "Item 4 on its own (tuple batches, a loss_func): metrics and get_preds see a ModelOutput's logits."
+    samples = cls_samples(20, 2)
+    ids, labels = torch.stack([s['input_ids'] for s in samples]), torch.stack([s['labels'] for s in samples])
+    dls = DataLoaders(TensorLoader(ids, labels, bs=8), TensorLoader(ids, labels, bs=8))
+    learn = Learner(dls, bert(), loss_func=lambda out, y: F.cross_entropy(out.logits, y), metrics=[accuracy], device='cpu')
+    learn.progress.show_bar = learn.progress.show_table = False
+    learn.fit(1, lr=1e-3)
+    preds, targets = learn.get_preds()
+    with torch.no_grad(): by_hand = learn.model.eval()(ids).logits
+    torch.testing.assert_close(preds, by_hand, rtol=1e-5, atol=1e-6); assert torch.equal(targets, labels)
+    assert learn.validate()[1] == pytest.approx((by_hand.argmax(1) == labels).float().mean().item(), abs=1e-6)
 
 
 # ---- item 5: exact means without targets ----
