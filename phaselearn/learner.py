@@ -345,7 +345,15 @@ def _detach_all(o):
 def _gather(batches: list):
     "Concatenate a list of per-batch structures field by field: tensors with a batch dimension along it, 0-d tensors stacked."
     first = batches[0]
-    if isinstance(first, torch.Tensor): return torch.cat(batches) if first.ndim else torch.stack(batches)
+    if isinstance(first, torch.Tensor):
+        if not first.ndim: return torch.stack(batches)
+        shapes = {tuple(b.shape[1:]) for b in batches}
+        if len(shapes) > 1:
+            raise ValueError(f"get_preds cannot concatenate the batches: their predictions or targets differ in shape beyond "
+                             f"the batch dimension ({', '.join(map(str, sorted(shapes)[:3]))}), as when each batch is padded "
+                             f"to its own longest sequence; pad every batch to one length (a tokenizer's padding='max_length') "
+                             f"or collect the batches in a callback of your own")
+        return torch.cat(batches)
     if isinstance(first, dict): return {k: _gather([b[k] for b in batches]) for k in first}
     if isinstance(first, tuple): return tuple(_gather([b[i] for b in batches]) for i in range(len(first)))
     return None
@@ -375,8 +383,8 @@ class GatherPreds(Callback):
         "`(preds, targets)`, or `(preds, targets, losses)` with `with_loss`, concatenated over the batches (targets None without any)."
         if not self.preds: raise ValueError("get_preds: no predictions were gathered (every batch was cancelled, or the loader is empty)")
         preds = _gather(self.preds)
-        targets = (None if not self.targets else torch.cat(self.targets) if isinstance(self.targets[0], torch.Tensor)
-                   else _gather(self.targets) if isinstance(self.targets[0], tuple) else self.targets)
+        targets = (None if not self.targets else _gather(self.targets) if isinstance(self.targets[0], (torch.Tensor, tuple))
+                   else self.targets)
         return (preds, targets, torch.cat(self.losses)) if self.with_loss else (preds, targets)
 
 # %% ../nbs/07_learner.ipynb #fd399dad
