@@ -5,6 +5,7 @@
 # %% ../nbs/02_callback.ipynb #8a93d1e9
 from __future__ import annotations
 import re
+import torch
 from fastcore.basics import camel2snake
 
 # %% auto #0
@@ -96,8 +97,12 @@ class TrainEvalCallback(Callback):
         if not self.learn.training: return
         self.learn.train_iter += 1
         self.learn.pct_train = self.learn.train_iter / self.learn.total_iter
-        batch = self.learn.yb or self.learn.xb
-        self.learn.train_samples += batch[0].shape[0] if batch and getattr(batch[0], 'ndim', 0) else 1
+        yb = self.learn.yb
+        first = yb[0] if yb else None
+        if first.__class__ is not torch.Tensor or not first.ndim:  # no plain target: the metrics chapter's rule (inputs, dicts)
+            from phaselearn.metrics import batch_size
+            self.learn.train_samples += batch_size(yb, self.learn.xb)
+        else: self.learn.train_samples += first.shape[0]
     def before_validate(self):
         "Put the model in evaluation mode."
         self.learn.training = False

@@ -57,11 +57,13 @@ def default_device() -> torch.device:
     return torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu')
 
 # %% ../nbs/00_core.ipynb #1c5a3c3f
+from collections.abc import Mapping
+
 def to_device(batch, device):
-    "Move every tensor in `batch` (nested tuples, lists and dicts) to `device`."
+    "Move every tensor in `batch` (nested tuples, lists and dicts; any other `Mapping`, e.g. a `BatchEncoding`, becomes a dict) to `device`."
     if isinstance(batch, torch.Tensor): return batch.to(device, non_blocking=True)
     if isinstance(batch, (tuple, list)): return type(batch)(to_device(o, device) for o in batch)
-    if isinstance(batch, dict): return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, Mapping): return {k: to_device(v, device) for k, v in batch.items()}
     return batch
 
 # %% ../nbs/00_core.ipynb #42e7fea1

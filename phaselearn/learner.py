@@ -4,7 +4,8 @@
 
 # %% ../nbs/07_learner.ipynb #5e68911b
 from __future__ import annotations
-import contextlib, functools, hashlib
+import contextlib, functools, hashlib, inspect
+from collections.abc import Mapping
 from pathlib import Path
 import torch
 from torch import nn
@@ -68,10 +69,13 @@ class Learner:
     def __init__(self, dls, model: nn.Module, loss_func=None, opt_func=torch.optim.Adam, lr=None,
                  metrics=None, splitter=None, cbs=None, n_inp: int = 1, wd: float = 0.01, true_wd: bool = True,
                  bn_wd: bool = False, bias_wd: bool = False, train_bn: bool = True, path='.', model_dir='models',
-                 device=None, default_cbs: bool = True):
+                 device=None, default_cbs: bool = True, no_decay=None, label_key: str = 'labels'):
         if not isinstance(model, nn.Module): raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(n_inp, int) or n_inp < 1: raise ValueError(f"n_inp must be a positive integer, got {n_inp!r}")
         lr = _check_learner_args(dls, opt_func, lr, wd)
+        if not isinstance(label_key, str): raise TypeError(f"label_key must be the str key of the targets in a dict batch, got {label_key!r}")
+        check_no_decay(no_decay, bn_wd, bias_wd)
+        self.no_decay, self.label_key, self._kw_batch = no_decay, label_key, False
         self.dls, self.loss_func, self.opt_func, self.lr, self.splitter, self.n_inp = dls, loss_func, opt_func, lr, splitter, n_inp
         self.wd, self.true_wd, self.bn_wd, self.bias_wd, self.train_bn = wd, true_wd, bn_wd, bias_wd, train_bn
         self.path, self.model_dir = Path(path), Path(model_dir)
@@ -187,13 +191,19 @@ def _valid_pass(self: Learner, dl):
 @patch
 def _do_batch(self: Learner, batch):
     if self._move_batches: batch = to_device(batch, self.device)
-    if not isinstance(batch, (tuple, list)): batch = (batch,)
-    self.xb, self.yb = tuple(batch[:self.n_inp]), tuple(batch[self.n_inp:])
+    if isinstance(batch, (tuple, list)): self.xb, self.yb, self._kw_batch = tuple(batch[:self.n_inp]), tuple(batch[self.n_inp:]), False
+    elif isinstance(batch, Mapping):  # a dict or BatchEncoding: model(**batch), the targets under label_key
+        label = batch.get(self.label_key)
+        self.xb, self.yb, self._kw_batch = (batch,), (() if label is None else (label,)), True
+    else: self.xb, self.yb, self._kw_batch = (batch,), (), False
     self.pred = self.loss = self.loss_grad = None  # nothing of the previous batch survives into this one
     self.batch_cancelled = False
     try:
         self('before_batch')
         self.one_batch()
+    except TypeError as e:
+        if self._kw_batch: _explain_kw_call(self.model, self.xb[0], self.label_key, e)
+        raise
     except CancelBatchException:
         self.batch_cancelled = True  # callbacks that accumulate (recorder, metrics, loggers) skip this batch in after_batch
         self('after_cancel_batch')
@@ -205,7 +215,7 @@ def one_batch(self: Learner):
     "Forward, loss, backward and optimizer step on `self.xb`, `self.yb` (validation stops after the loss)."
     with self._contexts('batch_context'):
         with self._contexts('forward_context'):
-            self.pred = self.model(*self.xb);                 self('after_pred')
+            self.pred = self.model(**self.xb[0]) if self._kw_batch else self.model(*self.xb); self('after_pred')
             self.loss_grad = self.compute_loss()
             self.loss = self.loss_grad.detach();              self('after_loss')
         if not self.training: return
@@ -219,8 +229,9 @@ def one_batch(self: Learner):
 
 @patch
 def compute_loss(self: Learner):
-    "`loss_func(pred, *yb)`, with an error that names the shapes when they do not fit."
+    "`loss_func(pred, *yb)`, with an error that names the shapes when they do not fit; `loss_func=None`: the output's own `loss`."
     loss_func = self.loss_func
+    if loss_func is None: return _own_loss(self.pred)
     if loss_func is not self.__dict__.get('_hooked_loss'):  # look for the hook once per loss object (hasattr on a Module is slow)
         self._hooked_loss, self._set_progress = loss_func, getattr(loss_func, 'set_progress', None)
     if self._set_progress is not None: self._set_progress(self)  # a loss that follows training progress
@@ -232,6 +243,32 @@ def compute_loss(self: Learner):
         raise ValueError(f"loss_func must return a scalar, got shape {tuple(loss.shape)} "
                          f"(model output {_shapes([self.pred])}, targets {_shapes(self.yb)})")
     return loss
+
+def _own_loss(output):
+    "The loss a model computed itself: `output.loss` or `output['loss']` (a Hugging Face model given `labels`); a clear error when there is none."
+    loss = getattr(output, 'loss', None)
+    if loss is None and isinstance(output, Mapping): loss = output.get('loss')
+    if loss is None:
+        fields = f" (its fields: {list(output.keys())})" if isinstance(output, Mapping) else ""
+        raise ValueError(f"this Learner has no loss_func, so the model must compute its own loss and return it as "
+                         f"`output.loss` or output['loss'], but it returned a {type(output).__name__} without one{fields}. A Hugging Face "
+                         f"model computes it when the batch holds the targets under 'labels' (see Learner's label_key); "
+                         f"otherwise pass loss_func=, e.g. nn.CrossEntropyLoss()")
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+        raise ValueError(f"the model's own loss must be a scalar tensor, got {_shapes([loss])}")
+    return loss
+
+def _explain_kw_call(model, batch, label_key, error):
+    "Raise a clear error when `model(**batch)` failed because `model`'s forward does not take the batch's keys."
+    forward = getattr(unwrap_model(model), 'forward', model)
+    try: signature = inspect.signature(forward)
+    except (TypeError, ValueError): return
+    try: signature.bind(**batch)
+    except TypeError as mismatch:
+        raise TypeError(f"the batch is a dict with keys {list(batch)}, so the model is called as model(**batch); its "
+                        f"forward takes {signature} ({mismatch}). Name the batch's keys after forward's arguments (the "
+                        f"targets under label_key={label_key!r} stay in the batch), or have the loader yield "
+                        f"tuples (inputs..., targets) with n_inp= for a model that takes tensors") from error
 
 @patch
 def _contexts(self: Learner, hook: str):
@@ -249,12 +286,12 @@ def create_opt(self: Learner):
     # a callback may name another model to optimize (fp16's master copy); the splitter sees the model, not a compile/DDP wrapper
     model = getattr(self, 'opt_model', None) or unwrap_model(self.model)
     self.opt = OptimWrapper(model, self.opt_func, splitter=self.splitter, lr=self.lr, wd=self.wd,
-                            true_wd=self.true_wd, bn_wd=self.bn_wd, bias_wd=self.bias_wd, train_bn=self.train_bn)
+                            true_wd=self.true_wd, bn_wd=self.bn_wd, bias_wd=self.bias_wd, train_bn=self.train_bn,
+                            no_decay=self.no_decay)
     return self.opt
 
 @patch
 def _check_ready(self: Learner, dl=None):
-    if self.loss_func is None: raise ValueError("this Learner has no loss_func: pass loss_func= to Learner")
     dl = self.dls.train if dl is None else dl
     if dl is None: raise ValueError("no training data: dls.train is None")
     if len(dl) == 0: raise ValueError("the training DataLoader is empty (0 batches): check the dataset size and bs")
@@ -284,7 +321,6 @@ def validate(self: Learner, dl=None, cbs=None) -> list:
     "Loss and metrics over `dl` (default: `dls.valid`): `[valid_loss, *metric values]`."
     dl = self.dls.valid if dl is None else dl
     if dl is None: raise ValueError("nothing to validate on: dls.valid is None and no dl was given")
-    if self.loss_func is None: raise ValueError("this Learner has no loss_func: pass loss_func= to Learner")
     with self.added_cbs(cbs):
         try: self._valid_pass(dl)
         finally: self.model.eval()
@@ -299,26 +335,56 @@ def get_preds(self: Learner, dl=None, with_loss: bool = False):
     return gather.result()
 
 # %% ../nbs/07_learner.ipynb #2055bd35
+def _detach_all(o):
+    "`o` with every tensor detached, through nested tuples, lists and Mappings (a `ModelOutput` becomes a dict); other leaves dropped (None)."
+    if isinstance(o, torch.Tensor): return o.detach()
+    if isinstance(o, Mapping): return {k: _detach_all(v) for k, v in o.items()}
+    if isinstance(o, (tuple, list)): return tuple(_detach_all(v) for v in o)
+    return None
+
+def _gather(batches: list):
+    "Concatenate a list of per-batch structures field by field: tensors with a batch dimension along it, 0-d tensors stacked."
+    first = batches[0]
+    if isinstance(first, torch.Tensor):
+        if not first.ndim: return torch.stack(batches)
+        shapes = {tuple(b.shape[1:]) for b in batches}
+        if len(shapes) > 1:
+            raise ValueError(f"get_preds cannot concatenate the batches: their predictions or targets differ in shape beyond "
+                             f"the batch dimension ({', '.join(map(str, sorted(shapes)[:3]))}), as when each batch is padded "
+                             f"to its own longest sequence; pad every batch to one length (a tokenizer's padding='max_length') "
+                             f"or collect the batches in a callback of your own")
+        return torch.cat(batches)
+    if isinstance(first, dict): return {k: _gather([b[k] for b in batches]) for k in first}
+    if isinstance(first, tuple): return tuple(_gather([b[i] for b in batches]) for i in range(len(first)))
+    return None
+
 class GatherPreds(Callback):
-    "Collects predictions and targets (and per-sample losses) of a validation pass."
+    """Collects predictions and targets (and per-sample losses) of a validation pass. Predictions are `output_preds` of
+    the model's output (its `logits` when it has them); a dict or tuple output is gathered field by field."""
     order = 70
     def __init__(self, with_loss: bool = False): self.with_loss, self.preds, self.targets, self.losses = with_loss, [], [], []
     def after_batch(self):
         "Keep the batch's predictions, targets (and per-sample losses); a cancelled batch adds nothing."
         if self.learn.batch_cancelled: return  # a cancelled batch has no predictions
-        self.preds.append(self.pred.detach())
-        self.targets.append(self.yb[0] if len(self.yb) == 1 else self.yb)
+        pred = output_preds(self.pred)
+        self.preds.append(pred.detach() if isinstance(pred, torch.Tensor) else _detach_all(pred))
+        if self.yb: self.targets.append(self.yb[0] if len(self.yb) == 1 else self.yb)
         if self.with_loss:
             loss_func = self.learn.loss_func
+            if loss_func is None:
+                raise ValueError("get_preds(with_loss=True) needs a loss_func with a `reduction` attribute (a torch loss "
+                                 "module) to compute per-sample losses; this Learner has none (the model computes its own loss)")
             if not hasattr(loss_func, 'reduction'):
                 raise ValueError("get_preds(with_loss=True) needs a loss_func with a `reduction` attribute (a torch loss module)")
             reduction, loss_func.reduction = loss_func.reduction, 'none'
             try: self.losses.append(loss_func(self.pred, *self.yb).detach())
             finally: loss_func.reduction = reduction
     def result(self):
-        "`(preds, targets)`, or `(preds, targets, losses)` with `with_loss`, concatenated over the batches."
-        preds = torch.cat(self.preds)
-        targets = torch.cat(self.targets) if self.targets and isinstance(self.targets[0], torch.Tensor) else self.targets
+        "`(preds, targets)`, or `(preds, targets, losses)` with `with_loss`, concatenated over the batches (targets None without any)."
+        if not self.preds: raise ValueError("get_preds: no predictions were gathered (every batch was cancelled, or the loader is empty)")
+        preds = _gather(self.preds)
+        targets = (None if not self.targets else _gather(self.targets) if isinstance(self.targets[0], (torch.Tensor, tuple))
+                   else self.targets)
         return (preds, targets, torch.cat(self.losses)) if self.with_loss else (preds, targets)
 
 # %% ../nbs/07_learner.ipynb #fd399dad

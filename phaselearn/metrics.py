@@ -5,13 +5,14 @@
 # %% ../nbs/03_metrics.ipynb #54784b41
 from __future__ import annotations
 import sys
+from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from fastcore.basics import camel2snake
 
 # %% auto #0
-__all__ = ['Metric', 'batch_size', 'weighted_mean', 'AvgMetric', 'accuracy', 'error_rate', 'mse', 'mae', 'rmse', 'TorchMetric',
-           'as_metric', 'AvgLoss', 'AvgSmoothLoss']
+__all__ = ['Metric', 'batch_size', 'output_preds', 'weighted_mean', 'AvgMetric', 'accuracy', 'error_rate', 'mse', 'mae', 'rmse',
+           'TorchMetric', 'as_metric', 'AvgLoss', 'AvgSmoothLoss']
 
 # %% ../nbs/03_metrics.ipynb #bf0c05f2
 class Metric:
@@ -33,10 +34,41 @@ class Metric:
     def __repr__(self): return f"{type(self).__name__}({self.name})"
 
 # %% ../nbs/03_metrics.ipynb #db8296b7
-def batch_size(yb) -> int:
-    "Number of samples in a batch: the first dimension of the first target (1 when there is none)."
-    try: return yb[0].shape[0]
-    except (IndexError, AttributeError, TypeError): return 1
+def _first_dim(o):
+    "The first dimension of the first tensor (or array) with one, searching nested tuples, lists and Mappings; None if none."
+    shape = getattr(o, 'shape', None)
+    if shape is not None: return shape[0] if len(shape) else None
+    if isinstance(o, Mapping): o = o.values()
+    elif not isinstance(o, (tuple, list)): return None
+    for v in o:
+        n = _first_dim(v)
+        if n is not None: return n
+    return None
+
+def batch_size(yb, xb=()) -> int:
+    """Number of samples in a batch: the first dimension of the first tensor in it, targets `yb` first, else inputs `xb`
+    (nested tuples and dicts searched, so a dict batch `(batch,)` counts its `input_ids`). An error when neither holds one."""
+    if yb:
+        first = yb[0]
+        if first.__class__ is torch.Tensor and first.ndim: return first.shape[0]  # the usual case, without a search
+    n = _first_dim(yb)
+    if n is None: n = _first_dim(xb)
+    if n is None:
+        raise ValueError(f"cannot tell the batch size: neither the targets nor the inputs hold a tensor with a first "
+                         f"dimension (targets: {_kinds(yb)}; inputs: {_kinds(xb)}); epoch means weigh each batch by its "
+                         f"size, so a batch must carry at least one tensor of shape (batch size, ...)")
+    return n
+
+def _kinds(items) -> str:
+    return '(' + ', '.join(type(o).__name__ for o in items) + ')' if isinstance(items, (tuple, list)) else type(items).__name__
+
+# %% ../nbs/03_metrics.ipynb #6fc9fd8c
+def output_preds(output):
+    "What metrics and `get_preds` see of a model's output: its `logits` (an attribute or a key) when it has them, else the output itself."
+    if output.__class__ is torch.Tensor: return output
+    logits = getattr(output, 'logits', None)
+    if logits is None and isinstance(output, Mapping): logits = output.get('logits')
+    return output if logits is None else logits
 
 # %% ../nbs/03_metrics.ipynb #d55d290f
 def weighted_mean(values: list, counts: list):
@@ -63,10 +95,10 @@ class AvgMetric(Metric):
         self.reset()
     def reset(self): self.values, self.counts = [], []
     def accumulate(self, learn):
-        value = self.func(learn.pred, *learn.yb)
+        value = self.func(output_preds(learn.pred), *learn.yb)
         if value.__class__ is torch.Tensor and value.requires_grad: value = value.detach()
         self.values.append(value)
-        self.counts.append(batch_size(learn.yb))
+        self.counts.append(batch_size(learn.yb, getattr(learn, 'xb', ())))
     @property
     def value(self):
         if not self.counts: return None
@@ -124,7 +156,7 @@ class TorchMetric(Metric):
         self._device_checked = False
     def accumulate(self, learn):
         "Update the torchmetrics object with the batch (moved to the predictions' device once)."
-        pred = learn.pred
+        pred = output_preds(learn.pred)
         if not self._device_checked:
             if self.metric.device != pred.device: self.metric.to(pred.device)
             self._device_checked = True
@@ -158,7 +190,7 @@ class AvgLoss(Metric):
     def reset(self): self.values, self.counts = [], []
     def accumulate(self, learn):
         self.values.append(_detached(learn.loss))
-        self.counts.append(batch_size(learn.yb))
+        self.counts.append(batch_size(learn.yb, getattr(learn, 'xb', ())))
     @property
     def value(self): return weighted_mean(self.values, self.counts) if self.counts else None
     @property

@@ -216,7 +216,7 @@ def _to_half_except_norms(model: nn.Module) -> list:
 def _rebuild_opt(old: OptimWrapper, model: nn.Module) -> OptimWrapper:
     "`old`'s optimizer, splitter and settings over `model` (same structure), with its full state and hyperparameters."
     new = OptimWrapper(model, old.opt_func, splitter=old.splitter, lr=old.get_hyper('lr'), wd=0., true_wd=old.true_wd,
-                       bn_wd=old.bn_wd, bias_wd=old.bias_wd, train_bn=old.train_bn)
+                       bn_wd=old.bn_wd, bias_wd=old.bias_wd, train_bn=old.train_bn, no_decay=old.no_decay)
     new.load_state_dict(old.state_dict())
     return new
 
@@ -329,7 +329,8 @@ def before_fit(self: FP16Training):
         if learn.opt is not None and learn.opt.model is self.master_model: learn.to(learn.device)  # moves the optimizer state
     if learn.opt is None:
         learn.opt = OptimWrapper(self.master_model, learn.opt_func, splitter=learn.splitter, lr=learn.lr, wd=learn.wd,
-                                 true_wd=learn.true_wd, bn_wd=learn.bn_wd, bias_wd=learn.bias_wd, train_bn=learn.train_bn)
+                                 true_wd=learn.true_wd, bn_wd=learn.bn_wd, bias_wd=learn.bias_wd, train_bn=learn.train_bn,
+                                 no_decay=learn.no_decay)
     elif learn.opt.model is not self.master_model: learn.opt = _rebuild_opt(learn.opt, self.master_model)
     self._found_inf = torch.zeros((), device=device)
     self._inv_scale = torch.full((), 1. / self.scale, device=device)

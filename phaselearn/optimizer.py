@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_optimizer.ipynb #f56fcd30
 from __future__ import annotations
-import math
+import math, re
 import numpy as np
 import torch
 from torch import nn
@@ -12,7 +12,7 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['norm_types', 'unified_hyper_names', 'default_splitter', 'sequential_splitter', 'body_head_splitter',
-           'check_layer_groups', 'OptimWrapper', 'spread_values', 'hyper_range', 'check_hyper_value',
+           'check_layer_groups', 'check_no_decay', 'OptimWrapper', 'spread_values', 'hyper_range', 'check_hyper_value',
            'check_hyper_values']
 
 # %% ../nbs/05_optimizer.ipynb #6daf9cc3
@@ -69,15 +69,55 @@ def check_layer_groups(model: nn.Module, layer_groups) -> list:
 norm_types = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm) \
              + ((nn.RMSNorm,) if hasattr(nn, 'RMSNorm') else ())
 
-def _norm_and_bias_ids(model: nn.Module):
-    "Ids of the parameters of normalisation layers, and of the parameters registered under the name `bias`."
-    norm_ids, bias_ids = set(), set()
-    for module in model.modules():
-        is_norm = isinstance(module, norm_types)
-        for name, p in module.named_parameters(recurse=False):
+_wrapper_parts = ('_orig_mod', '_fsdp_wrapped_module', '_checkpoint_wrapped_module')
+
+def _bare_model(model: nn.Module) -> nn.Module:
+    "`model` without a `torch.compile` (`_orig_mod`) or DDP (`.module`) wrapper around it."
+    while True:
+        if hasattr(model, '_orig_mod'): model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel): model = model.module
+        else: return model
+
+def _own_name(name: str) -> str:
+    "A parameter's name without the parts wrappers insert (`_orig_mod.`, FSDP's and checkpointing's inner modules)."
+    return '.'.join(part for part in name.split('.') if part not in _wrapper_parts)
+
+def _is_norm(module: nn.Module) -> bool:
+    "A normalisation layer: one of `norm_types`, or a class named like one (nanoGPT's `LayerNorm`, `LlamaRMSNorm`, timm's `LayerNorm2d`)."
+    return isinstance(module, norm_types) or re.search(r'Norm(\d*d)?$', type(module).__name__) is not None
+
+def check_no_decay(no_decay, bn_wd: bool = False, bias_wd: bool = False):
+    "Refuse a `no_decay` that is not a callable `(name, param) -> bool`, or one given with `bn_wd`/`bias_wd` (which it replaces)."
+    if no_decay is None: return
+    if not callable(no_decay):
+        raise TypeError(f"no_decay must be a callable (name, param) -> bool saying which parameters to exempt from weight "
+                        f"decay, e.g. lambda name, p: p.ndim <= 1; got {no_decay!r}")
+    if bn_wd or bias_wd:
+        raise ValueError("no_decay replaces the whole decay rule, so bn_wd/bias_wd would have no effect: leave them False "
+                         "and say in no_decay which parameters to exempt")
+
+def _decay_rule(model: nn.Module, bn_wd: bool = False, bias_wd: bool = False, no_decay=None):
+    """`(exempt_names, norm_ids)`: the own names of `model`'s parameters exempt from decay (see the chapter's rule, or
+    `no_decay(name, param)`), and the ids of the parameters of normalisation layers. A tied parameter counts once."""
+    check_no_decay(no_decay, bn_wd, bias_wd)
+    bare = _bare_model(model)
+    listed = getattr(bare, 'no_weight_decay', None)
+    listed = set(listed()) if callable(listed) and no_decay is None else set()
+    exempt, norm_ids, seen = {}, set(), set()
+    for module_name, module in bare.named_modules():
+        is_norm = _is_norm(module)
+        for leaf, p in module.named_parameters(recurse=False):
+            if id(p) in seen: continue
+            seen.add(id(p))
+            name = _own_name(f"{module_name}.{leaf}" if module_name else leaf)
             if is_norm: norm_ids.add(id(p))
-            if name == 'bias': bias_ids.add(id(p))
-    return norm_ids, bias_ids
+            if no_decay is not None: skip = bool(no_decay(name, p))
+            else:
+                is_bias = leaf == 'bias'
+                skip = ((is_bias and not bias_wd) or ((is_norm or (p.ndim <= 1 and not is_bias)) and not bn_wd)
+                        or any(name == n or name.startswith(n + '.') for n in listed))
+            if skip: exempt[id(p)] = name
+    return exempt, norm_ids
 
 # %% ../nbs/05_optimizer.ipynb #20888ab8
 unified_hyper_names = ('lr', 'mom', 'sqr_mom', 'eps', 'wd')
@@ -91,20 +131,21 @@ class OptimWrapper:
     """A `torch.optim` optimizer over `model`'s layer groups, speaking unified hyperparameter names.
 
     `opt_func(param_groups)` builds the optimizer (any `torch.optim` class, or a callable `(params, **kwargs)`).
-    `splitter(model)` gives the layer groups (default: one). Exempt from decay: normalisation layers unless `bn_wd`,
-    biases unless `bias_wd`. `true_wd=True`: decoupled decay `p <- p * (1 - lr*wd)` on the decayed parameters in `step`
+    `splitter(model)` gives the layer groups (default: one). Exempt from decay: parameters with `ndim <= 1` and those
+    of normalisation layers (gains unless `bn_wd`, biases unless `bias_wd`) and the names in the model's own
+    `no_weight_decay()`; `no_decay(name, param) -> bool` replaces that rule (names: the model's own, wrapper-free). `true_wd=True`: decoupled decay `p <- p * (1 - lr*wd)` on the decayed parameters in `step`
     before the inner step (inner weight_decay held at 0), one torch param group per layer group; `true_wd=False`:
     classic L2, the inner optimizer's weight_decay is `wd`, two torch groups per layer group (decayed, exempt). `train_bn`: normalisation layers keep
     training in frozen layer groups."""
     def __init__(self, model: nn.Module, opt_func=torch.optim.Adam, splitter=None, lr=1e-3, wd=0., true_wd: bool = True,
-                 bn_wd: bool = False, bias_wd: bool = False, train_bn: bool = True):
-        self.model, self.opt_func, self.splitter = model, opt_func, splitter
+                 bn_wd: bool = False, bias_wd: bool = False, train_bn: bool = True, no_decay=None):
+        self.model, self.opt_func, self.splitter, self.no_decay = model, opt_func, splitter, no_decay
         self.true_wd, self.bn_wd, self.bias_wd, self.train_bn = true_wd, bn_wd, bias_wd, train_bn
         self.layer_groups = check_layer_groups(model, (splitter or default_splitter)(model))
         self.n_groups = len(self.layer_groups)
-        self._norm_ids, bias_ids = _norm_and_bias_ids(model)
-        exempt = (set() if bn_wd else self._norm_ids) | (set() if bias_wd else bias_ids)
-        self._exempt_ids = exempt
+        exempt_names, self._norm_ids = _decay_rule(model, bn_wd, bias_wd, no_decay)
+        self._exempt_ids = exempt = set(exempt_names)
+        self.exempt_names = sorted(exempt_names.values())  # which parameters decay spares, by their own names
         # per torch group: its layer group, the parameters the wrapper's decoupled decay scales, whether there are any
         param_groups, self._layer_of, self._decayed, self._decays = [], [], [], []
         for i, params in enumerate(self.layer_groups):
@@ -498,7 +539,8 @@ def switch(self: OptimWrapper, opt_func) -> OptimWrapper:
     "A new `OptimWrapper` with `opt_func` over the same model and layer groups: hyperparameters carry over, optimizer state starts fresh."
     layer_groups = [list(g) for g in self.layer_groups]
     new = OptimWrapper(self.model, opt_func, splitter=lambda model: layer_groups, lr=self.get_hyper('lr'), wd=0.,
-                       true_wd=self.true_wd, bn_wd=self.bn_wd, bias_wd=self.bias_wd, train_bn=self.train_bn)
+                       true_wd=self.true_wd, bn_wd=self.bn_wd, bias_wd=self.bias_wd, train_bn=self.train_bn,
+                       no_decay=self.no_decay)
     new.splitter = self.splitter
     for name in ('mom', 'sqr_mom', 'eps', 'wd'):
         if name in self._specs and name in new._specs: new.set_hyper(name, self.get_hyper(name))

@@ -117,7 +117,7 @@ class Recorder(Callback):
         if learn.batch_cancelled: return  # a cancelled batch counts in no loss, metric, size or snapshot
         if learn.training:
             self.smooth_loss.accumulate(learn)
-            self.batch_sizes.append(batch_size(learn.yb))
+            self.batch_sizes.append(batch_size(learn.yb, learn.xb))
             opt = learn.opt
             if opt is not self._opt: self._new_segment(opt)
             try: self._snapshots.append(tuple(map(self._getter, opt.param_groups)))

@@ -12,8 +12,8 @@ from .callback import *
 from .learner import unwrap_model
 
 # %% auto #0
-__all__ = ['synthetic_text', 'char_stream', 'LMDataLoader', 'CharLM', 'lm_loss', 'RNNCallback', 'LossTerm', 'RNNRegularizer',
-           'rnn_cbs']
+__all__ = ['synthetic_text', 'char_stream', 'LMDataLoader', 'CharLM', 'lm_loss', 'RNNCallback', 'LossTerm', 'rnn_time_dim',
+           'RNNRegularizer', 'rnn_cbs']
 
 # %% ../nbs/16_rnn.ipynb #b256e39a
 _SUBJECTS = ['the cat', 'the dog', 'a bird', 'my friend', 'the old man', 'a small child', 'the teacher']
@@ -232,21 +232,36 @@ class LossTerm(Callback):
 # %% ../nbs/16_rnn.ipynb #2c76fa19
 def _last(o): return o[-1] if isinstance(o, (list, tuple)) else o
 
+def rnn_time_dim(model: nn.Module) -> int:
+    "Where time is in `model`'s RNN activations: 1 when its torch RNN modules are `batch_first`, 0 when time-major; an error when it cannot be known."
+    layouts = {m.batch_first for m in model.modules() if isinstance(m, nn.RNNBase)}
+    if len(layouts) == 1: return 1 if layouts.pop() else 0
+    why = ("has no torch RNN module (nn.LSTM, nn.GRU, nn.RNN) to read batch_first from" if not layouts else
+           "mixes batch_first=True and batch_first=False RNN modules")
+    raise ValueError(f"RNNRegularizer cannot tell which dimension of the activations is time: {type(model).__name__} "
+                     f"{why}; pass time_dim= (0 for time-major activations (seq_len, bs, hidden), 1 for (bs, seq_len, hidden))")
+
 class RNNRegularizer(LossTerm):
     """AR + TAR on the last layer of an AWD-LSTM style model: `alpha * mean(out**2)` on the dropped output plus
-    `beta * mean((raw[:, t+1] - raw[:, t])**2)` on the raw output (time on `time_dim`), added to `loss_grad` in
-    training. Reads the outputs stored by `RNNCallback`; `weight` (number or schedule) multiplies both."""
+    `beta * mean((raw[:, t+1] - raw[:, t])**2)` on the raw output (time on `time_dim`; None: read from the model's RNN
+    modules by `rnn_time_dim`), added to `loss_grad` in training. Reads the outputs stored by `RNNCallback`; `weight`
+    (number or schedule) multiplies both."""
     run_after = RNNCallback
-    def __init__(self, alpha: float = 2., beta: float = 1., time_dim: int = 1, weight=1., name: str | None = None):
+    def __init__(self, alpha: float = 2., beta: float = 1., time_dim: int | None = None, weight=1., name: str | None = None):
         for label, value in (('alpha', alpha), ('beta', beta)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"{label} must be a finite real number, got {value!r}")
+        if time_dim is not None and (isinstance(time_dim, bool) or not isinstance(time_dim, int)):
+            raise ValueError(f"time_dim must be the int dimension of time in the RNN's activations (0: time-major, "
+                             f"1: batch_first), or None to read it from the model's RNN modules; got {time_dim!r}")
         super().__init__(weight=weight, name=name)
         self.alpha, self.beta, self.time_dim, self.ar, self.tar = float(alpha), float(beta), time_dim, None, None
+        self._time_dim = time_dim
 
     def before_fit(self):
         "Find the RNNCallback that supplies the activations (an error without one)."
         super().before_fit()
+        self._time_dim = self.time_dim  # None: read from the model at the first batch
         self.rnn = next((cb for cb in self.learn.cbs if isinstance(cb, RNNCallback)), None)
         if self.rnn is None:
             raise ValueError("RNNRegularizer reads the outputs RNNCallback stores: add RNNCallback() too (rnn_cbs() gives both)")
@@ -260,10 +275,13 @@ class RNNRegularizer(LossTerm):
         if self.alpha != 0:
             ar = self.alpha * _last(out).float().pow(2).mean()
             total, self.ar = total + ar, ar.detach()
-        raw = _last(raw_out)
-        if self.beta != 0 and raw.shape[self.time_dim] > 1:
-            steps = raw.shape[self.time_dim]
-            tar = self.beta * (raw.narrow(self.time_dim, 1, steps - 1) - raw.narrow(self.time_dim, 0, steps - 1)).float().pow(2).mean()
+        raw, time_dim = _last(raw_out), self._time_dim
+        if time_dim is None:
+            if learn is None: raise ValueError("RNNRegularizer: time_dim is not given and there is no learner whose model could tell it; pass time_dim=")
+            time_dim = self._time_dim = rnn_time_dim(unwrap_model(learn.model))
+        if self.beta != 0 and raw.shape[time_dim] > 1:
+            steps = raw.shape[time_dim]
+            tar = self.beta * (raw.narrow(time_dim, 1, steps - 1) - raw.narrow(time_dim, 0, steps - 1)).float().pow(2).mean()
             total, self.tar = total + tar, tar.detach()
         return total if isinstance(total, torch.Tensor) else raw.new_zeros((), dtype=torch.float32)
 

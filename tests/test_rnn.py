@@ -349,11 +349,11 @@ def test_ar_tar_time_dim_and_single_tensors():
     def term(reg, raw_out, out_):
         reg.rnn = Stored(); reg.rnn.raw_out, reg.rnn.out = raw_out, out_
         return reg.term(None)
-    batch_first = term(RNNRegularizer(2., 1.), [torch.zeros(1), raw], [torch.zeros(1), out])
+    batch_first = term(RNNRegularizer(2., 1., time_dim=1), [torch.zeros(1), raw], [torch.zeros(1), out])
     time_first = term(RNNRegularizer(2., 1., time_dim=0), raw.transpose(0, 1), out.transpose(0, 1))
     expected = 2 * out.pow(2).mean() + (raw[:, 1:] - raw[:, :-1]).pow(2).mean()
     torch.testing.assert_close(batch_first, expected); torch.testing.assert_close(time_first, expected)
-    one_step = term(RNNRegularizer(2., 1.), raw[:, :1], out[:, :1])   # one time step: no TAR
+    one_step = term(RNNRegularizer(2., 1., time_dim=1), raw[:, :1], out[:, :1])   # one time step: no TAR
     torch.testing.assert_close(one_step, 2 * out[:, :1].pow(2).mean())
 
 
@@ -476,3 +476,38 @@ def test_autocast_lstm_trains(dtype):
     assert set(learn.dtypes.terms) == {torch.float32}     # loss and terms in float32 under autocast
     assert all(math.isfinite(v) for v in learn.rnn_regularizer.values)
     assert after < 0.7 * before, (before, after)
+
+
+class TimeMajorLM(nn.Module):
+    "AWD-LSTM's layout: a torch LSTM with its default batch_first=False, activations (seq_len, bs, hidden)."
+    def __init__(self, vocab=6, hidden=8):
+        super().__init__()
+        self.emb, self.lstm, self.head = nn.Embedding(vocab, hidden), nn.LSTM(hidden, hidden), nn.Linear(hidden, vocab)
+    def forward(self, x):                       # x: (bs, seq_len) tokens
+        raw, _ = self.lstm(self.emb(x.t()))       # (seq_len, bs, hidden)
+        return self.head(raw).transpose(0, 1), [raw], [raw]
+
+
+def test_tar_on_time_major_model_reads_layout():
+    "A batch_first=False LSTM: TAR is taken across time (dim 0 of its activations), not across the batch (issue 18 item 7)."
+    torch.manual_seed(0)
+    x = torch.randint(0, 6, (48, 5))                    # 48 sequences of 5 steps
+    dls = DataLoaders.from_tensors(x, x, x[:8], x[:8], bs=16)
+    seen = []
+    class Grab(Callback):
+        order = 100
+        def after_loss(self):
+            if self.training: seen.append((self.learn.rnn_callback.raw_out[-1].detach(), self.learn.rnn_regularizer.tar))
+    learn = Learner(dls, TimeMajorLM(), loss_func=lm_loss, cbs=[RNNCallback(), RNNRegularizer(alpha=0., beta=1.), Grab()],
+                    default_cbs=False, device='cpu')
+    learn.fit(1)
+    assert seen
+    for raw, tar in seen:
+        assert raw.shape[:2] == (5, 16)
+        torch.testing.assert_close(tar, (raw[1:] - raw[:-1]).pow(2).mean())   # across time
+    class NoRNN(nn.Module):   # AWD-LSTM's output tuple, but no torch RNN module to read the layout from
+        def __init__(self): super().__init__(); self.emb, self.head = nn.Embedding(6, 4), nn.Linear(4, 6)
+        def forward(self, x): h = self.emb(x); return self.head(h), [h], [h]
+    with pytest.raises(ValueError, match='pass time_dim='):
+        Learner(dls, NoRNN(), loss_func=lm_loss, cbs=[RNNCallback(), RNNRegularizer()], default_cbs=False, device='cpu').fit(1)
+    Learner(dls, NoRNN(), loss_func=lm_loss, cbs=[RNNCallback(), RNNRegularizer(time_dim=1)], default_cbs=False, device='cpu').fit(1)
