@@ -102,7 +102,7 @@ def profile(bs=64):
     row('plan check (per fit)', plan_us, 0., 'fit_phases\' _check_plan (a preview of every value), per training batch')
 
     # progress: the bar's per-batch call against tqdm's own per-batch update
-    progress = learn.progress
+    progress = learn.progress_bar
     from tqdm.auto import tqdm
     with discard_output():
         progress.before_train(); ours = per_call_us(progress.after_batch, number=20000); progress._close_bar()
