@@ -59,6 +59,9 @@ def default_device() -> torch.device:
 # %% ../nbs/00_core.ipynb #1c5a3c3f
 def to_device(batch, device):
     "Move every tensor in `batch` (nested tuples, lists and dicts) to `device`."
+    cls = batch.__class__
+    if cls is tuple or cls is list:  # the per-batch case, a tuple or list of tensors: one comprehension, no generator
+        return cls([o.to(device, non_blocking=True) if o.__class__ is torch.Tensor else to_device(o, device) for o in batch])
     if isinstance(batch, torch.Tensor): return batch.to(device, non_blocking=True)
     if isinstance(batch, (tuple, list)): return type(batch)(to_device(o, device) for o in batch)
     if isinstance(batch, dict): return {k: to_device(v, device) for k, v in batch.items()}
