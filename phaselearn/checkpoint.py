@@ -4,7 +4,7 @@
 
 # %% ../nbs/19_checkpoint.ipynb #95b99869
 from __future__ import annotations
-import os, random, threading, warnings
+import os, queue, random, threading, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -146,6 +146,8 @@ class CheckpointCallback(Callback):
         if not isinstance(async_write, bool): raise TypeError(f"async_write must be True or False, got {async_write!r}")
         self.fname, self.every_iters, self.every_epochs, self.keep = fname, every_iters, every_epochs, keep
         self.async_write, self._writer, self._write_error, self._copy = async_write, None, None, _StateCopy()
+        self._jobs, self._idle = queue.SimpleQueue(), threading.Event()
+        self._idle.set()
 
     @property
     def file(self) -> Path:
@@ -181,7 +183,12 @@ class CheckpointCallback(Callback):
         if (self.every_epochs and getattr(self, 'n_trained', 0) and getattr(learn, 'epoch', 0) == learn.n_epoch - 1
                 and learn.train_iter == learn.total_iter):
             self.save(learn.n_epoch, 0, loader_epoch(learn.dls.train))
+        self._stop_writer()
         self.wait()  # the fit returns with its last checkpoint on disk
+
+    def _stop_writer(self):
+        "Let the writer thread finish what it was handed, and end it."
+        if self._writer is not None: self._jobs.put(None); self._writer.join(); self._writer = None
 
     def state(self, epoch: int, iteration: int, epoch_of_loader, replay=None) -> dict:
         "Everything `resume=` needs to continue at batch `iteration` of epoch `epoch`."
@@ -204,28 +211,42 @@ class CheckpointCallback(Callback):
         if not self.async_write: return self._write(state, file)
         self.wait()  # at most one write in flight: its buffers are the ones the copy reuses
         snapshot = self._copy(state)
-        self._writer = threading.Thread(target=self._write_in_background, args=(snapshot, file), name='phaselearn-checkpoint')
-        self._writer.start()
+        if self._writer is None:  # one writer thread per fit: starting a thread per save stalled the loop more than the copy
+            self._writer = threading.Thread(target=self._write_in_background, name='phaselearn-checkpoint', daemon=True)
+            self._writer.start()
+        self._idle.clear()
+        self._jobs.put((snapshot, file))
         return file
 
-    def _write_in_background(self, state, file):
-        try:
-            self._copy.wait()
-            self._write(state, file)
-        except BaseException as e: self._write_error = e
+    def _write_in_background(self):
+        "The writer thread: write each (state, file) handed over, until it is handed None."
+        while (job := self._jobs.get()) is not None:
+            try:
+                self._copy.wait()
+                self._write(*job)
+            except BaseException as e: self._write_error = e
+            finally: job = None; self._idle.set()
 
     def wait(self):
         "Block until the checkpoint being written in the background (if any) is on disk; raise the error of a write that failed."
-        writer = self._writer
-        if writer is not None: writer.join(); self._writer = None
+        self._idle.wait()
         error, self._write_error = self._write_error, None
         if error is not None: raise RuntimeError(f"writing the checkpoint {self.file} in the background failed: {error}") from error
 
     def _write(self, state: dict, file: Path) -> Path:
-        "Checksum `state`, write it atomically as `file` and move the older files down a rank."
+        """Checksum `state`, write it to a temporary file in `file`'s folder (flushed, fsynced), move the older files down a
+        rank and rename the temporary file `file`: a kill at any point leaves complete files and a temporary one at most
+        (which the next save or resume removes). The temporary name is fixed: one rename fewer than `atomic_save`'s
+        random name, a cost as large as the checksum's."""
         state['checksum'] = state_checksum(state)
         clean_partial_writes(file)
-        tmp = atomic_save(state, file.with_name(f".{file.stem}.writing.pt"))
+        tmp = file.with_name(f".{file.stem}.writing.pt")
+        file.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, 'wb') as f:
+                torch.save(state, f); f.flush(); os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True); raise
         for i in range(self.keep - 1, 0, -1):  # fname.{keep-2}.pt -> fname.{keep-1}.pt, ..., fname.pt -> fname.1.pt
             src = file if i == 1 else file.with_name(f"{file.stem}.{i - 1}.pt")
             if src.exists(): src.replace(file.with_name(f"{file.stem}.{i}.pt"))
