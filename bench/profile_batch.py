@@ -81,6 +81,26 @@ def profile(bs=64):
         hand_sched = per_call_us(one_cycle.step)
     row('hyper setting', per_call_us(scheduler.before_batch), hand_sched, 'PhaseScheduler.before_batch (lr, mom) vs OneCycleLR.step')
 
+    # the same with 16 layer groups and a discriminative lr (a slice spread over the groups), per group
+    from overhead import deep
+    deep_model = deep()
+    deep_opt = OptimWrapper(deep_model, torch.optim.Adam, splitter=sequential_splitter, lr=1e-3, true_wd=True, bias_wd=True)
+    lr_sched = OneCycle(slice(LR_MAX / 100, LR_MAX), DIV, DIV_FINAL, PCT_START, MOMS).phases(1)[0].hypers
+    def ours_groups():
+        for name, schedule in lr_sched.items():
+            if callable(schedule): deep_opt.set_hyper(name, schedule(0.3))
+    groups = [{'params': list(c.parameters())} for c in deep_model.children() if list(c.parameters())]
+    hand16 = torch.optim.Adam(groups, lr=1e-3, betas=(MOMS[0], 0.999))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        one_cycle16 = torch.optim.lr_scheduler.OneCycleLR(hand16, max_lr=spread_values(slice(LR_MAX / 100, LR_MAX), 16), total_steps=10 ** 8)
+        hand_sched16 = per_call_us(one_cycle16.step)
+    row('hyper setting, 16 groups', per_call_us(ours_groups), hand_sched16,
+        f'the one-cycle schedules of lr=slice(..) and mom set on 16 layer groups vs OneCycleLR.step ({len(deep_opt.param_groups)} torch groups)')
+    deep_opt.opt.step, deep_opt.opt.zero_grad = (lambda closure=None: None), (lambda set_to_none=True: None)
+    row('optimizer wrapper, 16 groups', per_call_us(deep_opt.step) + per_call_us(deep_opt.zero_grad), 0.,
+        'OptimWrapper.step + zero_grad around a no-op torch optimizer, 16 torch groups (wd=0)')
+
     # recorder (train batch) and train/eval counter against the hand loop's device-side loss sum
     recorder = learn.recorder
     total = torch.zeros(())
@@ -102,7 +122,7 @@ def profile(bs=64):
     row('plan check (per fit)', plan_us, 0., 'fit_phases\' _check_plan (a preview of every value), per training batch')
 
     # progress: the bar's per-batch call against tqdm's own per-batch update
-    progress = learn.progress
+    progress = learn.progress_bar
     from tqdm.auto import tqdm
     with discard_output():
         progress.before_train(); ours = per_call_us(progress.after_batch, number=20000); progress._close_bar()
@@ -153,8 +173,8 @@ def profile(bs=64):
     print(f"  {'source':26s} {'phaselearn':>10s} {'hand loop':>10s} {'extra':>8s}  what is timed")
     for source, ours, hand, what in rows:
         print(f"  {source:26s} {ours:10.2f} {hand:10.2f} {ours - hand:+8.2f}  {what}")
-    extra = sum(o - h for s, o, h, _ in rows if not s.startswith(('batch fetch (DataLoader)', 'decay (wd=0.01)', '(')))
-    print(f"  {'total overhead':26s} {'':10s} {'':10s} {extra:+8.2f}  sum of the rows but the DataLoader, wd=0.01 and (for scale) ones")
+    extra = sum(o - h for s, o, h, _ in rows if not s.startswith(('batch fetch (DataLoader)', 'decay (wd=0.01)', '(')) and '16 groups' not in s)
+    print(f"  {'total overhead':26s} {'':10s} {'':10s} {extra:+8.2f}  sum of the rows but the DataLoader, wd=0.01, 16-group and (for scale) ones")
     print(f"  {'whole batch, data excluded':26s} {whole_ours:10.2f} {whole_hand:10.2f} {whole_ours - whole_hand:+8.2f}  "
           f"Learner._do_batch vs forward, backward, Adam, OneCycleLR, zero_grad, loss sum")
 

@@ -19,7 +19,7 @@ events = ['before_fit', 'before_epoch', 'before_train', 'before_batch', 'after_p
           'before_validate', 'after_validate', 'after_epoch', 'after_fit']
 cancel_events = ['after_cancel_batch', 'after_cancel_step', 'after_cancel_train', 'after_cancel_validate',
                  'after_cancel_epoch', 'after_cancel_fit']
-context_hooks = ['forward_context', 'batch_context']
+context_hooks = ['forward_context', 'batch_context', 'validate_context']
 all_events = events + cancel_events
 
 # %% ../nbs/02_callback.ipynb #7059a1b6

@@ -4,7 +4,7 @@
 
 # %% ../nbs/19_checkpoint.ipynb #95b99869
 from __future__ import annotations
-import os, random, warnings
+import os, queue, random, threading, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -94,10 +94,48 @@ def checkpoint_files(learn, fname) -> list:
         i += 1
     return files
 
+class _StateCopy:
+    """Copies a checkpoint's state at the step boundary, for a background write: tensors into buffers kept from one
+    checkpoint to the next (no allocation, no page faults once warm; pinned host memory for CUDA tensors), containers
+    rebuilt, NumPy arrays copied; other leaves (numbers, strings, None) are immutable and kept as they are."""
+    def __init__(self): self.buffers, self.event = [], None
+
+    def __call__(self, state: dict) -> dict:
+        srcs, dsts, buffers = [], [], self.buffers
+        def copy(o):
+            if isinstance(o, torch.Tensor):
+                t, i = o.detach(), len(srcs)
+                buf = buffers[i] if i < len(buffers) else None
+                if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                    buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+                    if i < len(buffers): buffers[i] = buf
+                    else: buffers.append(buf)
+                srcs.append(t); dsts.append(buf)
+                return buf
+            if isinstance(o, dict): return {k: copy(v) for k, v in o.items()}
+            if isinstance(o, (list, tuple)): return type(o)(copy(v) for v in o)
+            if isinstance(o, np.ndarray): return o.copy()
+            return o
+        snapshot = copy(state)
+        del buffers[len(dsts):]
+        cuda = any(t.is_cuda for t in srcs)
+        with torch.no_grad():
+            for dst, src in zip(dsts, srcs): dst.copy_(src, non_blocking=cuda)
+        self.event = None
+        if cuda: self.event = torch.cuda.Event(); self.event.record()  # the writer waits for the copies to land
+        return snapshot
+
+    def wait(self):
+        "Block until the copies of the last snapshot have landed (CUDA copies are asynchronous)."
+        if self.event is not None: self.event.synchronize()
+
 class CheckpointCallback(Callback):
-    "Saves what a fit needs to resume exactly, every `every_epochs` epochs and/or `every_iters` batches; keeps `keep` files."
+    """Saves what a fit needs to resume exactly, every `every_epochs` epochs and/or `every_iters` batches; keeps `keep`
+    files. `async_write=True`: the state is copied at the step boundary and written by a background thread (checksum,
+    file, fsync, rename), at most one write in flight; a save waits for the previous write, and the fit's end waits for the last."""
     order, run_in_lr_find = 90, False
-    def __init__(self, fname: str = 'checkpoint', every_iters: int | None = None, every_epochs: int | None = 1, keep: int = 2):
+    def __init__(self, fname: str = 'checkpoint', every_iters: int | None = None, every_epochs: int | None = 1, keep: int = 2,
+                 async_write: bool = False):
         if not isinstance(fname, (str, os.PathLike)) or not str(fname):
             raise TypeError(f"fname must be a file name or path (a non-empty str or Path), got {type(fname).__name__} {fname!r}")
         for name, value in (('every_iters', every_iters), ('every_epochs', every_epochs)):
@@ -105,7 +143,11 @@ class CheckpointCallback(Callback):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if every_iters is None and every_epochs is None: raise ValueError("give every_iters, every_epochs or both")
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1: raise ValueError(f"keep must be >= 1, got {keep!r}")
+        if not isinstance(async_write, bool): raise TypeError(f"async_write must be True or False, got {async_write!r}")
         self.fname, self.every_iters, self.every_epochs, self.keep = fname, every_iters, every_epochs, keep
+        self.async_write, self._writer, self._write_error, self._copy = async_write, None, None, _StateCopy()
+        self._jobs, self._idle = queue.SimpleQueue(), threading.Event()
+        self._idle.set()
 
     @property
     def file(self) -> Path:
@@ -141,6 +183,12 @@ class CheckpointCallback(Callback):
         if (self.every_epochs and getattr(self, 'n_trained', 0) and getattr(learn, 'epoch', 0) == learn.n_epoch - 1
                 and learn.train_iter == learn.total_iter):
             self.save(learn.n_epoch, 0, loader_epoch(learn.dls.train))
+        self._stop_writer()
+        self.wait()  # the fit returns with its last checkpoint on disk
+
+    def _stop_writer(self):
+        "Let the writer thread finish what it was handed, and end it."
+        if self._writer is not None: self._jobs.put(None); self._writer.join(); self._writer = None
 
     def state(self, epoch: int, iteration: int, epoch_of_loader, replay=None) -> dict:
         "Everything `resume=` needs to continue at batch `iteration` of epoch `epoch`."
@@ -156,12 +204,49 @@ class CheckpointCallback(Callback):
                 'rng': rng_state_dict(), 'callbacks': callbacks}
 
     def save(self, epoch: int, iteration: int, epoch_of_loader, replay=None) -> Path:
-        "Write a checkpoint atomically, with the checksum of its content, moving older ones down a rank."
+        """Write a checkpoint atomically, with the checksum of its content, moving older ones down a rank. With
+        `async_write`, wait for the previous write, copy the state and return: a background thread writes the copy."""
         if not is_main_process(): return self.file  # under torch.distributed, rank 0 writes
         file, state = self.file, self.state(epoch, iteration, epoch_of_loader, replay)
+        if not self.async_write: return self._write(state, file)
+        self.wait()  # at most one write in flight: its buffers are the ones the copy reuses
+        snapshot = self._copy(state)
+        if self._writer is None:  # one writer thread per fit: starting a thread per save stalled the loop more than the copy
+            self._writer = threading.Thread(target=self._write_in_background, name='phaselearn-checkpoint', daemon=True)
+            self._writer.start()
+        self._idle.clear()
+        self._jobs.put((snapshot, file))
+        return file
+
+    def _write_in_background(self):
+        "The writer thread: write each (state, file) handed over, until it is handed None."
+        while (job := self._jobs.get()) is not None:
+            try:
+                self._copy.wait()
+                self._write(*job)
+            except BaseException as e: self._write_error = e
+            finally: job = None; self._idle.set()
+
+    def wait(self):
+        "Block until the checkpoint being written in the background (if any) is on disk; raise the error of a write that failed."
+        self._idle.wait()
+        error, self._write_error = self._write_error, None
+        if error is not None: raise RuntimeError(f"writing the checkpoint {self.file} in the background failed: {error}") from error
+
+    def _write(self, state: dict, file: Path) -> Path:
+        """Checksum `state`, write it to a temporary file in `file`'s folder (flushed, fsynced), move the older files down a
+        rank and rename the temporary file `file`: a kill at any point leaves complete files and a temporary one at most
+        (which the next save or resume removes). The temporary name is fixed: one rename fewer than `atomic_save`'s
+        random name, a cost as large as the checksum's."""
         state['checksum'] = state_checksum(state)
         clean_partial_writes(file)
-        tmp = atomic_save(state, file.with_name(f".{file.stem}.writing.pt"))
+        tmp = file.with_name(f".{file.stem}.writing.pt")
+        file.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, 'wb') as f:
+                torch.save(state, f); f.flush(); os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True); raise
         for i in range(self.keep - 1, 0, -1):  # fname.{keep-2}.pt -> fname.{keep-1}.pt, ..., fname.pt -> fname.1.pt
             src = file if i == 1 else file.with_name(f"{file.stem}.{i - 1}.pt")
             if src.exists(): src.replace(file.with_name(f"{file.stem}.{i}.pt"))
@@ -182,7 +267,7 @@ def read_checkpoint(learn, name) -> dict:
             errors.append(f"{file.name}: not a phaselearn checkpoint"); continue
         if not isinstance(state.get('format_version'), int) or state['format_version'] > CHECKPOINT_VERSION:
             errors.append(f"{file.name}: format version {state.get('format_version')!r} is not one this phaselearn reads"); continue
-        if state.get('checksum') != state_checksum(state):
+        if not checksum_matches(state):
             errors.append(f"{file.name}: damaged (its content does not match the checksum written with it)"); continue
         if errors: warnings.warn(f"resuming from {file.name}, an older checkpoint: " + "; ".join(errors), RuntimeWarning)
         state['file'] = str(file)

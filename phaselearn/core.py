@@ -61,6 +61,9 @@ from collections.abc import Mapping
 
 def to_device(batch, device):
     "Move every tensor in `batch` (nested tuples, lists and dicts; any other `Mapping`, e.g. a `BatchEncoding`, becomes a dict) to `device`."
+    cls = batch.__class__
+    if cls is tuple or cls is list:  # the per-batch case, a tuple or list of tensors: one comprehension, no generator
+        return cls([o.to(device, non_blocking=True) if o.__class__ is torch.Tensor else to_device(o, device) for o in batch])
     if isinstance(batch, torch.Tensor): return batch.to(device, non_blocking=True)
     if isinstance(batch, (tuple, list)): return type(batch)(to_device(o, device) for o in batch)
     if isinstance(batch, Mapping): return {k: to_device(v, device) for k, v in batch.items()}

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import contextlib, functools, hashlib, inspect
 from collections.abc import Mapping
+import xxhash
 from pathlib import Path
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from .optimizer import *
 
 # %% auto #0
 __all__ = ['FORMAT_VERSION', 'unwrap_model', 'LoadError', 'Learner', 'GatherPreds', 'in_dataset_order', 'TrainingProgress',
-           'state_checksum', 'check_opt_state']
+           'state_checksum', 'checksum_matches', 'check_opt_state']
 
 # %% ../nbs/07_learner.ipynb #a60a1c15
 _null_context = contextlib.nullcontext()
@@ -183,7 +184,7 @@ def _valid_pass(self: Learner, dl):
     self._move_batches = getattr(dl, 'device', None) != self.device
     try:
         self('before_validate')
-        with torch.no_grad():
+        with torch.no_grad(), self._contexts('validate_context'):  # entered once per pass (autocast, ...)
             for self.iter, batch in enumerate(dl): self._do_batch(batch)
     except CancelValidException: self('after_cancel_validate')
     self('after_validate')
@@ -479,29 +480,45 @@ def progress(self: Learner) -> TrainingProgress:
                             samples=state.get('train_samples', 0))
 
 # %% ../nbs/07_learner.ipynb #7eaa119b
-def state_checksum(state: dict) -> str:
-    """SHA-256 of everything in `state` but its `'checksum'` entry: the nesting, every plain value, and each tensor's
-    dtype, shape and bytes. Stored in saved files and checkpoints; a file whose content changed after writing (a
-    flipped bit on disk, a bad copy) no longer matches."""
-    digest = hashlib.sha256()
+_digests = {'xxh3_128': xxhash.xxh3_128, 'sha256': hashlib.sha256}
+
+def state_checksum(state: dict, algorithm: str = 'xxh3_128') -> str:
+    """Checksum of everything in `state` but its `'checksum'` entry: the nesting, every plain value, and each tensor's
+    dtype, shape and bytes (hashed in place, no copy). Stored in saved files and checkpoints; a file whose content
+    changed after writing (a flipped bit on disk, a bad copy) no longer matches. `algorithm='xxh3_128'` (the default,
+    `'xxh3_128:<hex>'`) hashes at memory speed; `'sha256'` (a bare hex digest) is what files written before it hold,
+    and they still load: `checksum_matches` reads the algorithm from the stored value."""
+    if algorithm not in _digests: raise ValueError(f"unknown checksum algorithm {algorithm!r}; valid: {', '.join(_digests)}")
+    digest = _digests[algorithm]()
+    update = digest.update
     def walk(o):
         if isinstance(o, torch.Tensor):
             t = o.detach().cpu().contiguous()
-            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            if t.numel(): digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            if t.numel(): update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no bytes copy
         elif isinstance(o, dict):
-            digest.update(b'{')
+            update(b'{')
             for k, v in o.items():
                 if o is state and k == 'checksum': continue
                 walk(k); walk(v)
-            digest.update(b'}')
+            update(b'}')
         elif isinstance(o, (list, tuple)):
-            digest.update(b'[' if isinstance(o, list) else b'(')
-            for v in o: walk(v)
-            digest.update(b']')
-        else: digest.update(f"{type(o).__name__}:{o!r};".encode())
+            update(b'[' if isinstance(o, list) else b'(')
+            if o and all(type(v) is int for v in o):  # a generator's state (Python's: 625 ints): the same bytes in one update
+                update(("int:" + ";int:".join(map(repr, o)) + ";").encode())
+            else:
+                for v in o: walk(v)
+            update(b']')
+        else: update(f"{type(o).__name__}:{o!r};".encode())
     walk(state)
-    return digest.hexdigest()
+    return digest.hexdigest() if algorithm == 'sha256' else f"{algorithm}:{digest.hexdigest()}"
+
+def checksum_matches(state: dict) -> bool:
+    "Whether `state['checksum']` is the checksum of `state`, by the algorithm it was written with (a bare hex digest: SHA-256)."
+    stored = state.get('checksum')
+    if not isinstance(stored, str): return False
+    algorithm = stored.split(':', 1)[0] if ':' in stored else 'sha256'
+    return algorithm in _digests and stored == state_checksum(state, algorithm)
 
 _expected_file = "a file written by learn.save, or a model's weights written by torch.save(model.state_dict())"
 
@@ -524,7 +541,7 @@ def _read_saved(file, device) -> dict:
         if version > FORMAT_VERSION:
             raise LoadError(f"{file} was written by a newer phaselearn (format version {version}); this one reads up to "
                             f"{FORMAT_VERSION}: upgrade phaselearn to load it")
-        if 'checksum' in state and state['checksum'] != state_checksum(state):
+        if 'checksum' in state and not checksum_matches(state):
             raise LoadError(f"{file} is damaged: its content does not match the checksum stored when it was written")
         if not _is_weights(state['model']): raise LoadError(f"{file}: its 'model' entry is not a state dict of tensors; expected {_expected_file}")
         return state

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_mixed_precision.ipynb #0d04d635
 from __future__ import annotations
-import copy, math, numbers
+import contextlib, copy, math, numbers
 import torch
 from torch import nn
 from fastcore.basics import patch
@@ -112,6 +112,7 @@ class MixedPrecision(_OverflowSkips):
         self.scaler_settings = dict(init_scale=float(init_scale), growth_factor=float(growth_factor),
                                     backoff_factor=float(backoff_factor), growth_interval=int(growth_interval))
         self.scaler, self._scaler_device, self._scaler_state, self._unscaled = None, None, None, False
+        self._in_pass = False  # inside a validation pass's autocast: the batches need none of their own
         self._init_skips(max_skips)
 
     def before_fit(self):
@@ -133,8 +134,17 @@ class MixedPrecision(_OverflowSkips):
         self._unscaled = False
 
     def forward_context(self):
-        "`torch.autocast` to `dtype` around the forward pass and the loss."
+        "`torch.autocast` to `dtype` around the forward pass and the loss (nothing inside a validation pass: it is under one already)."
+        if self._in_pass: return contextlib.nullcontext()
         return torch.autocast(device_type=self.learn.device.type, dtype=self.dtype)
+
+    @contextlib.contextmanager
+    def validate_context(self):
+        "`torch.autocast` entered once around a whole validation pass (the weights do not change in it, their half-precision casts are reused)."
+        with torch.autocast(device_type=self.learn.device.type, dtype=self.dtype):
+            self._in_pass = True
+            try: yield
+            finally: self._in_pass = False
 
     def before_backward(self):
         "Scale the loss to back-propagate (float16 only)."

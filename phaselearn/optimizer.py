@@ -347,6 +347,11 @@ def set_hyper(self: OptimWrapper, name: str, value):
     if name in self.hyper_scales: return self._set_scaled(spec, name, value)
     key, index, groups, layers, _, nonneg, tuple_valued = spec
     cls = value.__class__
+    if cls is slice and value.stop.__class__ is float and (value.start is None or value.start.__class__ is float):
+        # discriminative values of floats, set every batch by a schedule: the spread is monotone, its extremes are checked
+        values = spread_values(value, self.n_groups)
+        check_hyper_value(name, min(values), key); check_hyper_value(name, max(values), key)
+        return self._set_layer_values(spec, name, values, checked=True)
     if cls is not float and cls is not int:
         values = self._layer_values(name, value, tuple_valued)
         if values is not None: return self._set_layer_values(spec, name, values)
@@ -377,10 +382,11 @@ def _layer_values(self: OptimWrapper, name, value, tuple_valued):
     return [tuple(v) if tuple_valued else _plain(v) for v in value]
 
 @patch
-def _set_layer_values(self: OptimWrapper, spec, name, values):
-    "Write `values[layer]` into every torch group of each layer group."
+def _set_layer_values(self: OptimWrapper, spec, name, values, checked: bool = False):
+    "Write `values[layer]` into every torch group of each layer group (each value checked first, unless `checked`)."
     key, index, groups, layers, _, nonneg, _ = spec
-    for v in values: check_hyper_value(name, v, key)
+    if not checked:
+        for v in values: check_hyper_value(name, v, key)
     pgs = self.opt.param_groups
     for i, layer in zip(groups, layers):
         g, v = pgs[i], values[layer]

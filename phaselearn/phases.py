@@ -482,6 +482,9 @@ class PhaseScheduler(Callback):
 # %% ../nbs/08_phases.ipynb #cfd0dfbc
 def _schedule_values(value, n: int, n_groups: int, what: str) -> np.ndarray:
     "`value`'s values at the `n` iterations of a phase, `(n, n_groups)`; a value that is not a number says where."
+    if callable(value):  # the common case, a schedule of plain floats: one array for the whole phase, no per-row arrays
+        values = [value(i / n) for i in range(n)]
+        if all(v.__class__ is float for v in values): return np.repeat(np.array(values)[:, None], n_groups, 1)
     rows = []
     for i in range(n):
         v = value(i / n) if callable(value) else value
@@ -549,7 +552,7 @@ def fit_phases(self: Learner, phases, cbs=None, resume=None):
     n_acc = _n_acc(list(self.cbs) + list(cbs or []))   # under gradient accumulation, schedules move per optimizer step
     lengths = _phase_lengths(self, phases, n_acc)
     _check_plan(self, phases, lengths, n_acc)  # every hyperparameter name and value, checked before training
-    _learner_preview(self, phases, lengths, list(cbs or []), n_acc)  # every attribute path and value too
+    if phases.attr_paths: _learner_preview(self, phases, lengths, list(cbs or []), n_acc)  # every attribute path and value too
     scheduler = PhaseScheduler(phases, lengths, n_acc)
     self._run([n for passes in lengths for n in passes], [scheduler] + list(cbs or []), resume)
 

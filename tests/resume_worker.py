@@ -3,6 +3,7 @@ moment; or resume every scenario from its checkpoint, and train the uninterrupte
 
     python tests/resume_worker.py kill SCENARIO FOLDER AT        # SIGKILL after training batch AT (AT=-1: after fit returns)
     python tests/resume_worker.py killwrite SCENARIO FOLDER N    # SIGKILL half-way through writing checkpoint number N
+                                                                 # (in the writer thread for the async scenarios)
     python tests/resume_worker.py resume FOLDER SCENARIO...      # resume each FOLDER/SCENARIO, train each reference, save both
 """
 import io, os, signal, sys
@@ -23,7 +24,10 @@ SCENARIOS = {
     'accum5':   ('datasets', lambda: [GradientAccumulation(2)], 5),
     'finished': ('tensors', lambda: [], 7),
     'write':    ('tensors', lambda: [], 3),
+    'async':      ('tensors', lambda: [], 3),   # CheckpointCallback(async_write=True): killed at a batch, a write maybe in flight
+    'asyncwrite': ('tensors', lambda: [], 3),   # killed half-way through a background write
 }
+ASYNC = {'async', 'asyncwrite'}
 
 
 class Digits(Dataset):
@@ -42,7 +46,7 @@ def build(scenario, path):
     else: dls = DataLoaders(DataLoader(Digits(x, y), batch_size=128, shuffle=True), DataLoader(Digits(xv, yv), batch_size=256))
     model = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 10))
     learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss(), path=path,
-                    cbs=[CheckpointCallback(every_iters=every_iters)] + cbs())
+                    cbs=[CheckpointCallback(every_iters=every_iters, async_write=scenario in ASYNC)] + cbs())
     learn.progress.show_bar = learn.progress.show_table = False
     return learn
 

@@ -1,7 +1,8 @@
 """Kill -9 at random moments, then resume in a fresh process: the weights and optimizer state equal, bit for bit, those of
 an uninterrupted run. Scenarios (tests/resume_worker.py): the in-memory path (from_tensors), from_datasets, a plain shuffled
 torch DataLoader, bf16 autocast on the CPU, gradient accumulation with checkpoints between the batches of one step, a kill
-after the fit returned, and a kill half-way through writing a checkpoint. Kill points come from a seeded RNG."""
+after the fit returned, a kill half-way through writing a checkpoint, and both kinds of kill with async_write=True
+(the write in a background thread). Kill points come from a seeded RNG."""
 import os, random, subprocess, sys, tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +23,8 @@ def kill_plan(seed: int = 11) -> dict:
         first = rng.randrange(3, N_BATCHES - 6); plan[name] = [('kill', first), ('kill', rng.randrange(first + 4, N_BATCHES))]
     plan['finished'] = [('kill', -1)]                     # killed after the fit returned
     plan['write'] = [('killwrite', rng.randrange(2, 9))]  # killed half-way through writing its n-th checkpoint
+    plan['async'] = [('kill', at())]                      # async_write=True: a background write may be in flight
+    plan['asyncwrite'] = [('killwrite', rng.randrange(2, 7))]  # killed half-way through a background write
     return plan
 
 
@@ -40,7 +43,7 @@ def results():
                 assert result.returncode == -9, f"{name}: {mode} {at} was not killed (exit {result.returncode}): {result.stderr[-2000:]}"
         with ThreadPoolExecutor(4) as pool: list(pool.map(chain, plan))
         names = list(plan)
-        halves = [['tensors', 'finished', 'write', 'bf16'], ['datasets', 'torch', 'accum2', 'accum5']]  # shared references together
+        halves = [['tensors', 'finished', 'write', 'bf16', 'async', 'asyncwrite'], ['datasets', 'torch', 'accum2', 'accum5']]  # shared references together
         with ThreadPoolExecutor(2) as pool: finished = list(pool.map(lambda half: run(['resume', folder, *half], timeout=300), halves))
         for result in finished: assert result.returncode == 0, result.stderr[-3000:]
         out = {name: torch.load(os.path.join(folder, f"{name}.result.pt"), weights_only=True) for name in names}
@@ -59,7 +62,7 @@ def assert_same(resumed, reference):
     assert resumed['train_iter'] == reference['train_iter'] == N_BATCHES
 
 
-@pytest.mark.parametrize('name', ['tensors', 'datasets', 'torch', 'bf16', 'accum2', 'accum5', 'write'])
+@pytest.mark.parametrize('name', ['tensors', 'datasets', 'torch', 'bf16', 'accum2', 'accum5', 'write', 'async', 'asyncwrite'])
 def test_kill_then_resume_is_bit_identical(results, name):
     plan, out = results
     assert_same(out[name]['resumed'], out[name]['reference'])
@@ -72,9 +75,10 @@ def test_resume_after_the_fit_returned_trains_nothing(results):
     assert_same(out['finished']['resumed'], out['finished']['reference'])
 
 
-def test_a_killed_write_leaves_nothing_behind(results):
+@pytest.mark.parametrize('name', ['write', 'asyncwrite'])
+def test_a_killed_write_leaves_nothing_behind(results, name):
     plan, out = results
-    assert out['write']['leftovers'] == []
+    assert out[name]['leftovers'] == []
 
 
 def test_kill_points_are_drawn_from_a_seed():
