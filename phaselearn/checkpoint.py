@@ -163,8 +163,8 @@ class CheckpointCallback(Callback):
     def save(self, epoch: int, iteration: int, epoch_of_loader, replay=None) -> Path:
         "Write a checkpoint atomically, with the checksum of its content, moving older ones down a rank."
         if _is_fsdp(self.learn.model):   # sharded weights: every rank writes its shards (the FSDP chapter)
-            from phaselearn.fsdp import save_sharded_checkpoint
-            return save_sharded_checkpoint(self, epoch, iteration, epoch_of_loader, replay)
+            from phaselearn.fsdp import _save_sharded_checkpoint
+            return _save_sharded_checkpoint(self, epoch, iteration, epoch_of_loader, replay)
         if not is_main_process(): return self.file  # under torch.distributed, rank 0 writes
         file, state = self.file, self.state(epoch, iteration, epoch_of_loader, replay)
         state['checksum'] = state_checksum(state)
