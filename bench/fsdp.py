@@ -7,7 +7,7 @@
 The hand-written loop makes the same `fully_shard` calls (each block, then the root), takes the same share of the same
 global batches, steps a torch Adam over the sharded parameters and all-reduces its loss for the report as phaselearn does.
 Rounds are interleaved (hand, phaselearn, hand, ...) and the ratio of the medians is printed: absolute times on a shared
-CPU are noise. CUDA + NCCL and bf16 (`--bf16`: MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)) when a GPU is there.
+CPU are noise. On one GPU (world size 1) both sides shard over the one rank. CUDA + NCCL and bf16 (`--bf16`: MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)) when a GPU is there.
 """
 import argparse, os, statistics, sys, time
 import torch
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from phaselearn.all import *
-from phaselearn.fsdp import FSDPCallback
+from phaselearn.fsdp import FSDPCallback, shard_model
 
 
 class Block(nn.Module):
@@ -71,8 +71,10 @@ def make_learner(args, fsdp=True):
     dls = DataLoaders.from_tensors(x[n_valid:], y[n_valid:], *valid, bs=args.bs, seed=0, device=device())
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.bf16 else None
     model = TinyGPT(args.vocab, args.dim, args.layers, args.heads).to(device())
-    learn = Learner(dls, model, loss_func=lm_loss, opt_func=torch.optim.Adam, lr=args.lr, wd=0.,
-                    cbs=[FSDPCallback(wrap=[Block], mp_policy=mp)] if fsdp else [])
+    cbs = [FSDPCallback(wrap=[Block], mp_policy=mp)] if fsdp else []
+    if fsdp and dist.get_world_size() == 1:   # one GPU: FSDPCallback acts on 2+ ranks only, so shard over the one rank here
+        model, cbs = shard_model(model, wrap=[Block], mp_policy=mp), []
+    learn = Learner(dls, model, loss_func=lm_loss, opt_func=torch.optim.Adam, lr=args.lr, wd=0., cbs=cbs)
     learn.progress.show_bar = False
     learn.progress.show_table = args.fit
     return learn

@@ -4,7 +4,7 @@
 
 # %% ../nbs/19b_fsdp.ipynb #f762d055
 from __future__ import annotations
-import os, shutil, warnings, zlib
+import inspect, os, shutil, warnings, zlib
 from pathlib import Path
 import torch
 import torch.distributed as dist
@@ -81,8 +81,11 @@ def _rebuild_opt_over_shards(old: OptimWrapper, model: nn.Module, names: dict) -
     parameters of `model` after sharding; `names` maps `id(parameter)` before sharding to its name (FQN)."""
     params = dict(model.named_parameters())
     groups = [[params[names[id(p)]] for p in group] for group in old.layer_groups]
-    new = OptimWrapper(model, old.opt_func, splitter=lambda m: groups, lr=old.get_hyper('lr'), wd=0., true_wd=old.true_wd,
-                       bn_wd=old.bn_wd, bias_wd=old.bias_wd, train_bn=old.train_bn)
+    # every other constructor option (true_wd, bn_wd, bias_wd, train_bn, the no-decay rule...) as the old wrapper kept it:
+    # the exemption rule then runs again on the sharded model, whose names and ndim are the model's own
+    options = {k: getattr(old, k) for k in inspect.signature(OptimWrapper).parameters
+               if k not in ('model', 'opt_func', 'splitter', 'lr', 'wd') and hasattr(old, k)}
+    new = OptimWrapper(model, old.opt_func, splitter=lambda m: groups, lr=old.get_hyper('lr'), wd=0., **options)
     new.splitter = old.splitter
     new.load_state_dict(_shard_opt_state(old.state_dict(), new))
     return new
