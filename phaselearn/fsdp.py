@@ -97,15 +97,16 @@ def _gradient_accumulation(learn):
 class FSDPCallback(DistributedCallback):
     """FSDP2 during a fit under torchrun: shards `learn.model` with `fully_shard` (each module `wrap` matches, then the
     root), builds the optimizer over the shards, and, as `DistributedCallback` does, shards the data (`bs` is the global
-    batch), reduces loss and metrics, and lets rank 0 speak. `learn.save` gathers full weights to rank 0."""
+    batch), reduces loss and metrics, and lets rank 0 speak. `learn.save` gathers full weights to rank 0. `mesh`: FSDP2's
+    `DeviceMesh`; a 2-D one (replicate, shard) is HSDP: replicas across nodes, each sharded within a node."""
     order = -40
     def __init__(self, wrap=None, mp_policy: MixedPrecisionPolicy | None = None, reshard_after_forward: bool = True,
-                 shard_valid: bool = True, reduce_loss: bool = True):
+                 shard_valid: bool = True, reduce_loss: bool = True, mesh=None):
         super().__init__(shard_valid=shard_valid, reduce_loss=reduce_loss)
         _matcher(wrap)   # bad input fails here, not at the fit
         if mp_policy is not None and not isinstance(mp_policy, MixedPrecisionPolicy):
             raise TypeError(f"mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy or None, got {type(mp_policy).__name__}")
-        self.wrap, self.mp_policy, self.reshard_after_forward, self._sync = wrap, mp_policy, reshard_after_forward, True
+        self.wrap, self.mp_policy, self.reshard_after_forward, self.mesh, self._sync = wrap, mp_policy, reshard_after_forward, mesh, True
 
     def on_add(self):
         "Make `learn.save` gather full weights to rank 0, and `learn.load` load them into the shards."
@@ -130,7 +131,7 @@ class FSDPCallback(DistributedCallback):
         model = unwrap_model(learn.model)
         names = {id(p): n for n, p in model.named_parameters()}
         if not is_sharded(model):
-            shard_model(model, self.wrap, self.mp_policy, self.reshard_after_forward)
+            shard_model(model, self.wrap, self.mp_policy, self.reshard_after_forward, self.mesh)
         opt = learn.opt
         if opt is not None and any(not isinstance(p, DTensor) for g in opt.param_groups for p in g['params']):
             learn.opt = _rebuild_opt_over_shards(opt, model, names)

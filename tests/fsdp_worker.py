@@ -4,6 +4,7 @@ then SGD: the optimizer is rebuilt over the shards), with gradient clipping and 
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp_worker.py OUT [--kill-at K] [--resume]
     python tests/fsdp_worker.py OUT --resume        # one process: resumes a sharded checkpoint unsharded
+    ... --nproc_per_node 4 tests/fsdp_worker.py OUT --hsdp   # HSDP: 2 replicas x 2 shards
     ... tests/fsdp_worker.py OUT --fail-rank 1 --pattern job|finally   # rank 1 raises at its 3rd batch
 
 Each rank writes OUT/rank{r}.pt: the preview, the hyperparameters each step used, the names exempt from decay, the full
@@ -70,20 +71,25 @@ class FailAt(Callback):
             raise RuntimeError(f"injected failure on rank {self.rank} at training batch {self.at} (time.time()={time.time():.3f})")
 
 
-def make_learner(out, extra=()):
+def make_learner(out, extra=(), mesh=None):
     set_seed(0)
     x, y, xv, yv = digits_tensors()
     dls = DataLoaders.from_tensors(x[:N_TRAIN], y[:N_TRAIN], xv, yv, bs=BS, seed=0)
     learn = Learner(dls, Net(), loss_func=nn.CrossEntropyLoss(), metrics=[accuracy], splitter=splitter, path=out,
-                    cbs=[FSDPCallback(wrap=[Block]), GradientClip(1.0), GradientAccumulation(2), *extra])
+                    cbs=[FSDPCallback(wrap=[Block], mesh=mesh), GradientClip(1.0), GradientAccumulation(2), *extra])
     learn.progress.show_bar = learn.progress.show_table = False
     return learn
 
 
-def train(out, kill_at=None, resume=False, fail_rank=None):
+def train(out, kill_at=None, resume=False, fail_rank=None, hsdp=False):
     log = StepLog()
     extra = ([KillAt(kill_at)] if kill_at else []) + ([FailAt(fail_rank, 3)] if fail_rank is not None else [])
-    learn = make_learner(out, extra)
+    mesh = None
+    if hsdp:   # HSDP: 2 replicas, each sharded over world_size / 2 ranks
+        from torch.distributed.device_mesh import init_device_mesh
+        world_size = rank_and_world_size()[1]
+        mesh = init_device_mesh('cpu', (2, world_size // 2), mesh_dim_names=('replicate', 'shard'))
+    learn = make_learner(out, extra, mesh)
     preview = learn.preview(phases())
     learn.fit_phases(phases(), cbs=[log, CheckpointCallback('ckpt', every_iters=4, every_epochs=None)],
                      resume='ckpt' if resume else None)
@@ -110,6 +116,7 @@ def main():
     parser.add_argument('--fail-rank', type=int, default=None)
     parser.add_argument('--pattern', default='job', choices=['job', 'finally'])
     parser.add_argument('--ddp', action='store_true', help='a DDP fit (multi-node check) instead')
+    parser.add_argument('--hsdp', action='store_true', help='FSDPCallback over a 2-D (replicate, shard) mesh')
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.ddp:
@@ -121,7 +128,7 @@ def main():
             torch.save({'world_size': world_size, 'weights': learn.model.state_dict()}, os.path.join(args.out, f"ddp{rank}.pt"))
         return
     if args.pattern == 'job':
-        with distributed_job(): train(args.out, args.kill_at, args.resume, args.fail_rank)
+        with distributed_job(): train(args.out, args.kill_at, args.resume, args.fail_rank, args.hsdp)
     else:   # the pattern people write: teardown in a finally (must not wait in a barrier while an exception propagates)
         setup_distributed()
         try: train(args.out, args.kill_at, args.resume, args.fail_rank)

@@ -11,6 +11,7 @@ runs are made once (a module fixture) and compared:
 - the same checkpoint resumed on 4 ranks (killed again at batch 20) and that one resumed in 1 process: each resumed fit
   starts from exactly the saved weights and at exactly the saved schedule position;
 - a raising rank ends the job within seconds, with `distributed_job()` and with a `finally: teardown_distributed()`;
+- HSDP (FSDPCallback over a 2x2 replicate/shard mesh, 4 ranks) trains the one-process model;
 - two simulated nodes (two torchrun launches, --nnodes 2, a c10d rendezvous on 127.0.0.1) train with DDP and FSDP.
 Every launch is bounded by a timeout.
 """
@@ -116,6 +117,16 @@ def test_resume_two_to_four_to_one_process(runs):
     # the schedule resumed exactly: the steps after batch 20 used the preview's values from there on
     np.testing.assert_array_equal(np.array(one['log']['lr']), one['preview']['lr'][21::2])
     assert max_diff(one['final'], result(runs / 'whole')['final']) < 1e-5
+
+
+def test_hsdp_fit_equals_one_process(runs, tmp_path):
+    "FSDPCallback(mesh=2-D DeviceMesh): HSDP, 2 replicas each sharded over 2 ranks, trains the same model as one process."
+    ok(launch(tmp_path, '--hsdp', n=4))
+    hsdp, single = result(tmp_path), result(runs / 'single')
+    assert hsdp['world_size'] == 4
+    diff = max_diff(hsdp['final'], single['final'])
+    assert diff < 1e-5, diff
+    assert (tmp_path / 'models' / 'ckpt.dcp').is_dir()
 
 
 def run_failing(pattern, out, timeout=120):
