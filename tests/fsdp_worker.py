@@ -45,12 +45,14 @@ def phases():
 class StepLog(Callback):
     "The hyperparameters every optimizer step uses, and the full weights the first batch of the fit sees."
     order = 100
-    def __init__(self): self.log, self.first = {'lr': [], 'wd': []}, None
+    def __init__(self): self.log, self.first, self.grads = {'lr': [], 'wd': []}, None, []
     def before_batch(self):
         if self.first is None and self.training:
             self.first = {k: v.clone() for k, v in full_model_state(self.learn.model).items()}
             os.makedirs(self.learn.path, exist_ok=True)
             if is_main_process(): torch.save(self.first, os.path.join(self.learn.path, f"first{rank_and_world_size()[1]}.pt"))
+    def after_backward(self):   # did the gradients reach the (sharded) parameters? not when FSDP skips the reduce-scatter
+        self.grads.append(any(p.grad is not None for p in self.learn.model.parameters()))
     def before_step(self):
         for name in self.log: self.log[name].append(self.opt.get_hyper(name))
 
@@ -102,7 +104,7 @@ def train(out, kill_at=None, resume=False, fail_rank=None, hsdp=False):
     model = learn.model
     exempt = sorted(n for n, p in model.named_parameters() if id(p) not in {id(q) for d in learn.opt._decayed for q in d})
     result = {'world_size': world_size, 'preview': {k: preview[k] for k in log.log}, 'log': log.log, 'first': log.first,
-              'exempt': exempt, 'values': learn.recorder.values,
+              'exempt': exempt, 'values': learn.recorder.values, 'grads': log.grads,
               'reload_same': all(torch.equal(before[k], after[k]) for k in before),
               'final': torch.load(file, weights_only=True)['model'] if rank == 0 else None}
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))

@@ -82,6 +82,13 @@ def test_recorded_hypers_equal_the_preview_under_fsdp(runs):
             np.testing.assert_array_equal(np.array(r['log'][hyper]), r['preview'][hyper][1::2])
 
 
+def test_no_gradient_sync_on_micro_batches_that_do_not_step(runs):
+    "GradientAccumulation(2) under FSDP: the odd micro-batches leave the sharded gradients unset (no reduce-scatter)."
+    fsdp, single = result(runs / 'whole'), result(runs / 'single')
+    assert fsdp['grads'] == [False, True] * 16   # 32 batches, a step every second one
+    assert single['grads'] == [True] * 32        # in one process the gradients are always there
+
+
 def test_full_weights_and_optimizer_state_out_and_back(runs):
     "learn.save under FSDP writes the one-process format (weights, and with_opt the optimizer state by index) on rank 0."
     import fsdp_worker
