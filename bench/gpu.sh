@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# One command for a machine with one CUDA GPU (under 5 minutes): phaselearn against hand-written loops, as ratios.
+# One command for a machine with CUDA GPUs (under 7 minutes): phaselearn against hand-written loops, as ratios.
 #   1. per-batch overhead on CUDA (bench/overhead.py: same DataLoader, fast path, CNN; peak memory)
 #   2. bf16 autocast and fp16 + GradScaler through phaselearn against a hand-written autocast loop ('x hand',
 #      target >= 0.98) on compute-bound models (CNN batch 256, transformer block, small transformer LM), and classic
 #      fp16 with fp32 master weights ('fp16-master') against fp32 ('x fp32') (bench/precision.py --vs-hand)
 #   3. compiled against eager, and phaselearn compiled against a hand-written compiled loop (bench/compile.py)
+#   4. FSDP2 over NCCL on every visible GPU (one GPU: sharded over one rank), fp32 and bf16 MixedPrecisionPolicy:
+#      phaselearn's FSDPCallback fit against a hand-written FSDP2 loop with the same fully_shard calls (bench/fsdp.py)
 #
 #   bash bench/gpu.sh             # on the GPU machine, from anywhere
 #   bash bench/gpu.sh --dry-run   # on a CPU: builds every case and runs it for a batch or two (numbers meaningless)
@@ -18,6 +20,7 @@ if [[ "${1:-}" == "--dry-run" ]]; then
   python bench/overhead.py --dry-run 2>&1 | filter
   python bench/precision.py --cpu-smoke --vs-hand --steps 1 --warmup 1 2>&1 | filter
   python bench/compile.py --dry-run 2>&1 | filter
+  python -m torch.distributed.run --standalone --nproc_per_node 2 bench/fsdp.py --rounds 1 --samples 256 2>&1 | filter | grep ratio
   echo "dry run finished"
   exit 0
 fi
@@ -32,3 +35,10 @@ timeout 80 python bench/precision.py --vs-hand --steps 40 --warmup 10 2>&1 | fil
 echo "== 3. torch.compile (inductor): compiled vs eager, phaselearn vs a hand-written compiled loop"
 timeout 60 python bench/compile.py --device cuda --reps 2 2>&1 | filter | grep -e '^ratio' -e '^torch' \
   || echo "   (compile: stopped at its 60 s limit or failed)"
+echo "== 4. FSDP2 over NCCL: phaselearn FSDPCallback / hand-written FSDP2 loop (same fully_shard calls), fp32 then bf16"
+ngpu=$(python -c "import torch; print(torch.cuda.device_count())")
+for precision in "" "--bf16"; do
+  timeout 60 python -m torch.distributed.run --standalone --nproc_per_node "$ngpu" bench/fsdp.py --rounds 2 \
+      --dim 512 --layers 6 --heads 8 --samples 16384 --bs 256 $precision 2>&1 | filter | grep -e 'ratio' \
+    || echo "   (fsdp ${precision:-fp32}: stopped at its 60 s limit or failed)"
+done

@@ -128,6 +128,10 @@ class _StateCopy:
     def wait(self):
         "Block until the copies of the last snapshot have landed (CUDA copies are asynchronous)."
         if self.event is not None: self.event.synchronize()
+def _is_fsdp(model) -> bool:
+    "True when `model` was sharded by FSDP2's `fully_shard` (its checkpoints are then sharded: see the FSDP chapter)."
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(unwrap_model(model), FSDPModule)
 
 class CheckpointCallback(Callback):
     """Saves what a fit needs to resume exactly, every `every_epochs` epochs and/or `every_iters` batches; keeps `keep`
@@ -205,7 +209,12 @@ class CheckpointCallback(Callback):
 
     def save(self, epoch: int, iteration: int, epoch_of_loader, replay=None) -> Path:
         """Write a checkpoint atomically, with the checksum of its content, moving older ones down a rank. With
-        `async_write`, wait for the previous write, copy the state and return: a background thread writes the copy."""
+        `async_write`, wait for the previous write, copy the state and return: a background thread writes the copy.
+        A sharded (FSDP) model writes a `.dcp` folder from every rank, synchronously even with `async_write` (its
+        collectives must run on the training thread)."""
+        if _is_fsdp(self.learn.model):   # sharded weights: every rank writes its shards (the FSDP chapter)
+            from phaselearn.fsdp import _save_sharded_checkpoint
+            return _save_sharded_checkpoint(self, epoch, iteration, epoch_of_loader, replay)
         if not is_main_process(): return self.file  # under torch.distributed, rank 0 writes
         file, state = self.file, self.state(epoch, iteration, epoch_of_loader, replay)
         if not self.async_write: return self._write(state, file)
@@ -332,6 +341,10 @@ class ResumeCallback(Callback):
 
 def resume_from(learn, name, epoch_lengths: list) -> ResumeCallback:
     "A `ResumeCallback` for the newest usable checkpoint of `name`, checked against this fit's plan and its loader."
+    base = _checkpoint_base(learn, name)
+    if base.with_suffix('.dcp').is_dir() or base.with_name(f"{base.stem}.1.dcp").is_dir():  # sharded (the FSDP chapter)
+        from phaselearn.fsdp import resume_from_sharded
+        return resume_from_sharded(learn, name, epoch_lengths)
     state = read_checkpoint(learn, name)
     if list(state['epoch_lengths']) != list(epoch_lengths):
         raise ValueError(f"{state['file']} was written by a fit of {len(state['epoch_lengths'])} epochs "

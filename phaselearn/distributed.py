@@ -37,9 +37,12 @@ def setup_distributed(backend: str | None = None, timeout: float | None = None) 
     return True
 
 def teardown_distributed():
-    "Leave the process group (nothing when there is none)."
+    """Leave the process group (nothing when there is none). On a clean exit every rank first waits for the others at a
+    barrier; called while an exception propagates (in a `finally`, `sys.exc_info()` says so) it leaves at once: the other
+    ranks may be blocked in a collective this rank will never join, and a barrier here would hang the job until timeout."""
     if not is_distributed(): return
-    dist.barrier()  # no rank leaves while another still talks to it (gloo aborts on a peer that closed early)
+    if sys.exc_info()[0] is None:
+        dist.barrier()  # no rank leaves while another still talks to it (gloo aborts on a peer that closed early)
     dist.destroy_process_group()
 
 # %% ../nbs/17_distributed.ipynb #033024b7
@@ -279,16 +282,21 @@ class DistributedCallback(Callback):
             warnings.warn(f"metrics {unreducible} cannot be reduced across ranks (not AvgMetric/torchmetrics and no "
                           f"all_reduce() method): every rank validates the whole set", RuntimeWarning)
         self._shard_data()
+        self._wrap()
+        self.silenced = []
+        if rank != 0:
+            self.silenced = [(cb, cb.show_bar, cb.show_table) for cb in learn.cbs if 'show_bar' in vars(cb) and 'show_table' in vars(cb)]
+            for cb, _, _ in self.silenced: cb.show_bar = cb.show_table = False
+
+    def _wrap(self):
+        "Wrap `learn.model` in DDP (`self.ddp`; the plain model is `self.module`); `FSDPCallback` shards it instead."
+        learn = self.learn
         self.module, self.replaced = learn.model, (_convert_sync_bn(learn.model) if self.sync_bn else [])
         device_ids = None
         if learn.device.type == 'cuda': device_ids = [learn.device.index if learn.device.index is not None else torch.cuda.current_device()]
         self.ddp = nn.parallel.DistributedDataParallel(self.module, device_ids=device_ids,
                                                       find_unused_parameters=self.find_unused_parameters, **self.ddp_kwargs)
         learn.model = self.ddp
-        self.silenced = []
-        if rank != 0:
-            self.silenced = [(cb, cb.show_bar, cb.show_table) for cb in learn.cbs if 'show_bar' in vars(cb) and 'show_table' in vars(cb)]
-            for cb, _, _ in self.silenced: cb.show_bar = cb.show_table = False
 
     def _shard_data(self):
         "Make `learn.dls` a sharded copy of itself (once per DataLoaders object)."
