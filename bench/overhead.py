@@ -111,7 +111,7 @@ def phaselearn_fit(learn, epochs, lr_max=LR_MAX):
 
 def make_learner(model, dls, one_group=False, splitter=None):
     "`one_group`: biases decayed too (bias_wd=True), so the wrapper makes one torch param group, as the hand loop has."
-    return Learner(dls, model, loss_func=nn.CrossEntropyLoss(), opt_func=torch.optim.Adam, lr=LR_MAX / DIV,
+    return Learner(dls, model, loss_func=F.cross_entropy, opt_func=torch.optim.Adam, lr=LR_MAX / DIV,
                    metrics=[accuracy], wd=0., true_wd=True, bias_wd=one_group, device=DEVICE, splitter=splitter)
 
 
@@ -266,7 +266,7 @@ def checkpoint_worker(repeats=7):
     x, y = torch.randn(512, 512, generator=g), torch.randint(0, 10, (512,), generator=g)
     model = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 10))  # 1.05M params
     sync_cb, async_cb = CheckpointCallback('sync', every_epochs=1), CheckpointCallback('async', every_epochs=1, async_write=True)
-    learn = Learner(DataLoaders.from_tensors(x, y, bs=128, seed=0, device=DEVICE), model, loss_func=nn.CrossEntropyLoss(),
+    learn = Learner(DataLoaders.from_tensors(x, y, bs=128, seed=0, device=DEVICE), model, loss_func=F.cross_entropy,
                     path=folder, cbs=[sync_cb, async_cb], device=DEVICE)
     learn.progress_bar.show_bar = learn.progress_bar.show_table = False
     with discard_output(): learn.fit(1)
