@@ -94,10 +94,16 @@ def checkpoint_files(learn, fname) -> list:
         i += 1
     return files
 
+@document_params
 class CheckpointCallback(Callback):
     "Saves what a fit needs to resume exactly, every `every_epochs` epochs and/or `every_iters` batches; keeps `keep` files."
     order, run_in_lr_find = 90, False
-    def __init__(self, fname: str = 'checkpoint', every_iters: int | None = None, every_epochs: int | None = 1, keep: int = 2):
+    def __init__(self,
+                 fname: str = 'checkpoint',  # file name under `learn.path/learn.model_dir` (older files get `.1`, `.2`, ...)
+                 every_iters: int | None = None,  # save every this many training batches (None: not by batches)
+                 every_epochs: int | None = 1,  # save every this many epochs (None: not by epochs)
+                 keep: int = 2  # how many checkpoint files to keep (the newest)
+                ):
         if not isinstance(fname, (str, os.PathLike)) or not str(fname):
             raise TypeError(f"fname must be a file name or path (a non-empty str or Path), got {type(fname).__name__} {fname!r}")
         for name, value in (('every_iters', every_iters), ('every_epochs', every_epochs)):
@@ -191,11 +197,14 @@ def read_checkpoint(learn, name) -> dict:
     raise FileNotFoundError(f"no usable checkpoint for {str(name)!r} (looked for {where} and older ranks)"
                             + (": " + "; ".join(errors) if errors else ""))
 
+@document_params
 class ResumeCallback(Callback):
     """Puts a checkpoint's state back into a fit that starts at its position: all of it (checked first, then loaded), then
     the fit skips what is done. A checkpoint of a finished fit is put back when the (empty) fit ends."""
     order = -40  # after the phase scheduler's before_epoch
-    def __init__(self, state: dict):
+    def __init__(self,
+                 state: dict  # a checkpoint's content (`torch.load` of a file `CheckpointCallback` wrote)
+                ):
         self.state, self.start_epoch, self.start_iter = state, state['epoch'], state['iter']
         self.pending_rng, self.finished = True, state['epoch'] >= len(state['epoch_lengths'])
 

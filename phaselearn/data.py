@@ -104,15 +104,28 @@ def _with_bs(dl, bs):
     raise TypeError(f"cannot change the batch size of a {type(dl).__name__}: give a DataLoader or TensorLoader")
 
 # %% ../nbs/01_data.ipynb #fe1a562a
+@document_params
 class DataLoaders:
     "A training loader and an optional validation loader (`valid=None`: no validation pass)."
-    def __init__(self, train, valid=None):
+    def __init__(self,
+                 train,  # the training loader
+                 valid=None  # the validation loader (None: no validation pass)
+                ):
         if train is None: raise ValueError("DataLoaders needs a training loader (valid may be None)")
         self.train, self.valid = train, valid
 
     @classmethod
-    def from_datasets(cls, train_ds, valid_ds=None, bs: int = 64, shuffle: bool = True, drop_last: bool = False,
-                      seed: int | None = None, valid_bs: int | None = None, **kwargs):
+    @document_params
+    def from_datasets(cls,
+                      train_ds,  # training `Dataset`
+                      valid_ds=None,  # validation `Dataset` (None: no validation set)
+                      bs: int = 64,  # batch size
+                      shuffle: bool = True,  # shuffle the training set every epoch
+                      drop_last: bool = False,  # drop the last, incomplete, training batch
+                      seed: int | None = None,  # seed of the shuffle (None: a random one)
+                      valid_bs: int | None = None,  # validation batch size (None: `2 * bs`)
+                      **kwargs  # passed on to torch's `DataLoader` (`num_workers`, `collate_fn`, `pin_memory`, ...)
+                     ):
         "Loaders over torch Datasets; `TensorDataset`s take the in-memory fast path. `kwargs` go to `DataLoader`."
         _check_bs(bs)
         valid_bs = valid_bs or 2 * bs
@@ -126,8 +139,19 @@ class DataLoaders:
         return cls(train, valid)
 
     @classmethod
-    def from_tensors(cls, x_train, y_train, x_valid=None, y_valid=None, bs: int = 64, shuffle: bool = True,
-                     drop_last: bool = False, seed: int | None = None, valid_bs: int | None = None, device=None):
+    @document_params
+    def from_tensors(cls,
+                     x_train,  # training inputs
+                     y_train,  # training targets
+                     x_valid=None,  # validation inputs (None: no validation set)
+                     y_valid=None,  # validation targets
+                     bs: int = 64,  # batch size
+                     shuffle: bool = True,  # shuffle the training set every epoch (a new order per epoch, from `seed`)
+                     drop_last: bool = False,  # drop the last, incomplete, training batch
+                     seed: int | None = None,  # seed of the shuffle (None: a random one)
+                     valid_bs: int | None = None,  # validation batch size (None: `2 * bs`)
+                     device=None  # move the tensors to this device once, and gather batches there (None: they stay where they are)
+                    ):
         "In-memory fast path: batches are gathered from the tensors directly (`device=` keeps them there)."
         train = TensorLoader(x_train, y_train, bs=bs, shuffle=shuffle, drop_last=drop_last, seed=seed, device=device)
         if (x_valid is None) != (y_valid is None): raise ValueError("give both x_valid and y_valid, or neither")

@@ -247,11 +247,17 @@ def _save_on_main_process(learn):
     save.__doc__ = plain_save.__doc__ + " Under DistributedCallback: rank 0 writes, every rank waits (call it on all ranks)."
     return save
 
+@document_params
 class DistributedCallback(Callback):
     "DDP during a fit: wraps the model, shards the data (`bs` is the global batch), reduces loss and metrics, rank 0 speaks."
     order = -40
-    def __init__(self, sync_bn: bool = False, find_unused_parameters: bool = False, shard_valid: bool = True,
-                 reduce_loss: bool = True, **ddp_kwargs):
+    def __init__(self,
+                 sync_bn: bool = False,  # convert BatchNorm layers to SyncBatchNorm for the fit
+                 find_unused_parameters: bool = False,  # passed to `DistributedDataParallel` (needed when some parameters get no gradient)
+                 shard_valid: bool = True,  # each process validates its share of the validation set (False: every process validates all of it)
+                 reduce_loss: bool = True,  # average the loss over the processes for the epoch table
+                 **ddp_kwargs  # passed on to `DistributedDataParallel`
+                ):
         self.sync_bn, self.find_unused_parameters, self.shard_valid, self.reduce_loss = sync_bn, find_unused_parameters, shard_valid, reduce_loss
         self.ddp_kwargs, self.active, self.ddp, self.module = ddp_kwargs, False, None, None
 

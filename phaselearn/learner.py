@@ -63,12 +63,29 @@ def _check_learner_args(dls, opt_func, lr, wd):
 
 
 # %% ../nbs/07_learner.ipynb #0985fa50
+@document_params
 class Learner:
-    "Trains `model` on `dls` with `loss_func` and an optimizer from `opt_func`; see the chapter for every argument."
-    def __init__(self, dls, model: nn.Module, loss_func=None, opt_func=torch.optim.Adam, lr=None,
-                 metrics=None, splitter=None, cbs=None, n_inp: int = 1, wd: float = 0.01, true_wd: bool = True,
-                 bn_wd: bool = False, bias_wd: bool = False, train_bn: bool = True, path='.', model_dir='models',
-                 device=None, default_cbs: bool = True):
+    "Trains `model` on `dls` with `loss_func` and an optimizer from `opt_func`: the training loop, with callbacks at every step."
+    def __init__(self,
+                 dls,  # the data: a `DataLoaders` (a training loader and an optional validation loader)
+                 model: nn.Module,  # the model to train; moved to `device`
+                 loss_func=None,  # `loss_func(pred, *targets)` gives a scalar loss tensor
+                 opt_func=torch.optim.Adam,  # optimizer class (any `torch.optim` class) or callable `(params, **hypers)`; wrapped in an `OptimWrapper`
+                 lr=None,  # default learning rate, a number or a `slice(low, high)` spread over the layer groups (None: the partial's, else 1e-3)
+                 metrics=None,  # functions `(pred, target)` or `Metric`s, computed on the validation set and shown in the epoch table
+                 splitter=None,  # `splitter(model)` gives the layer groups (lists of parameters) for discriminative rates and freezing; None: one group
+                 cbs=None,  # callbacks kept for every fit, besides the default ones
+                 n_inp: int = 1,  # how many items of a batch are inputs to the model (the rest are targets)
+                 wd: float = 0.01,  # weight decay
+                 true_wd: bool = True,  # decoupled (AdamW-style) weight decay when True, classic L2 added to the gradients when False
+                 bn_wd: bool = False,  # apply weight decay to normalisation layers too
+                 bias_wd: bool = False,  # apply weight decay to biases too
+                 train_bn: bool = True,  # normalisation layers keep training in frozen layer groups
+                 path='.',  # folder for what the learner writes (`model_dir`, logs)
+                 model_dir='models',  # subfolder of `path` where `save` and `load` keep model files
+                 device=None,  # where the model and batches go (None: CUDA when available, else the CPU)
+                 default_cbs: bool = True  # add the `Recorder` and `ProgressCallback` (False: only what `cbs` gives, plus the train/eval switch)
+                ):
         if not isinstance(model, nn.Module): raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(n_inp, int) or n_inp < 1: raise ValueError(f"n_inp must be a positive integer, got {n_inp!r}")
         lr = _check_learner_args(dls, opt_func, lr, wd)
@@ -260,7 +277,15 @@ def _check_ready(self: Learner, dl=None):
     if len(dl) == 0: raise ValueError("the training DataLoader is empty (0 batches): check the dataset size and bs")
 
 @patch
-def fit(self: Learner, n_epoch: int, lr=None, wd=None, cbs=None, reset_opt: bool = False, resume=None):
+@document_params
+def fit(self: Learner,
+        n_epoch: int,  # number of epochs to train (a positive integer)
+        lr=None,  # constant learning rate, a number or a `slice` over the layer groups (None: the learner's `lr`)
+        wd=None,  # weight decay for this fit (None: the learner's `wd`)
+        cbs=None,  # callbacks for this fit only (added at its start, removed at its end)
+        reset_opt: bool = False,  # make a new optimizer first (its state, such as Adam's moments, starts from zero)
+        resume=None  # name or path of a checkpoint (`CheckpointCallback`) to continue this same fit from; None: start afresh
+       ):
     "Train `n_epoch` whole epochs at a constant `lr` (default: `self.lr`); `wd` when given. No other hyperparameter changes."
     if isinstance(n_epoch, bool) or not isinstance(n_epoch, int) or n_epoch < 1:
         raise ValueError(f"n_epoch must be a positive integer number of epochs, got {n_epoch!r}")
@@ -299,10 +324,13 @@ def get_preds(self: Learner, dl=None, with_loss: bool = False):
     return gather.result()
 
 # %% ../nbs/07_learner.ipynb #2055bd35
+@document_params
 class GatherPreds(Callback):
     "Collects predictions and targets (and per-sample losses) of a validation pass."
     order = 70
-    def __init__(self, with_loss: bool = False): self.with_loss, self.preds, self.targets, self.losses = with_loss, [], [], []
+    def __init__(self,
+                 with_loss: bool = False  # also keep each sample's loss
+                ): self.with_loss, self.preds, self.targets, self.losses = with_loss, [], [], []
     def after_batch(self):
         "Keep the batch's predictions, targets (and per-sample losses); a cancelled batch adds nothing."
         if self.learn.batch_cancelled: return  # a cancelled batch has no predictions

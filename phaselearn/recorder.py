@@ -71,10 +71,13 @@ def _read_hyper(segment, name: str, snapshots: list) -> np.ndarray:
     rows = [[0. if i is None else snap[i][column] if index is None else snap[i][column][index] for i in first] for snap in snapshots]
     return np.array(rows, dtype=float).reshape(len(snapshots), len(first), -1).squeeze(-1)
 
+@document_params
 class Recorder(Callback):
     "Records the loss and the hyperparameters per batch, and the epoch table (`names`, `values`)."
     order = 50
-    def __init__(self, beta: float = 0.98):
+    def __init__(self,
+                 beta: float = 0.98  # smoothing of the loss shown while training (exponential moving average, debiased)
+                ):
         self.smooth_loss, self.valid_loss = AvgSmoothLoss(beta, history=True), AvgLoss()
         self.values, self.last_valid, self.epoch_batches, self.batch_sizes = [], None, [], []
         self._snapshots, self.segments, self._opt, self._getter = [], [], None, None
@@ -379,12 +382,18 @@ def table_html(names: list, rows: list) -> str:
             f'<tbody>{body}</tbody></table>')
 
 # %% ../nbs/04_recorder.ipynb #9bd4d397
+@document_params
 class ProgressCallback(Callback):
     "A tqdm bar per pass with the smoothed loss (read every `refresh` seconds), and the epoch table as epochs end."
     order = 60
     name = 'progress_bar'  # `learn.progress_bar`; `learn.progress` tells where training is (see the Learner chapter)
-    def __init__(self, show_bar: bool = True, show_table: bool = True, refresh: float = 0.5, bar_interval: float = 0.1,
-                 html: bool | None = None):
+    def __init__(self,
+                 show_bar: bool = True,  # show a progress bar for each pass
+                 show_table: bool = True,  # show the epoch table
+                 refresh: float = 0.5,  # seconds between reads of the loss for the bar (each read is a host sync)
+                 bar_interval: float = 0.1,  # seconds between redraws of the bar
+                 html: bool | None = None  # epoch table as HTML (None: HTML in a notebook, text elsewhere)
+                ):
         self.show_bar, self.show_table, self.refresh, self.bar_interval, self.html = show_bar, show_table, refresh, bar_interval, html
         self.bar, self.postfix, self.rows, self.handle = None, '', [], None
 
@@ -465,10 +474,14 @@ def quiet(learn):
 import csv
 from pathlib import Path
 
+@document_params
 class CSVLogger(Callback):
     "Writes the epoch table to `learn.path/fname` as CSV, a row per epoch (`append` keeps earlier rows)."
     order, run_in_lr_find = 70, False
-    def __init__(self, fname: str = 'history.csv', append: bool = False):
+    def __init__(self,
+                 fname: str = 'history.csv',  # file name, under `learn.path`
+                 append: bool = False  # keep the rows of earlier fits (False: start the file afresh)
+                ):
         self.fname, self.append, self.file = Path(fname), append, None
 
     @property
@@ -504,10 +517,13 @@ class CSVLogger(Callback):
             return [{k: int(v) if k == 'epoch' else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 # %% ../nbs/04_recorder.ipynb #8d981bac
+@document_params
 class ShowGraphCallback(Callback):
     "Redraws the training and validation losses after every epoch: in a notebook in place, else into `fname` (PNG)."
     order, run_in_lr_find = 65, False
-    def __init__(self, fname: str | None = None): self.fname, self.handle = fname, None
+    def __init__(self,
+                 fname: str | None = None  # PNG file redrawn after each epoch (None: draw in the notebook; nothing outside one)
+                ): self.fname, self.handle = fname, None
 
     def before_fit(self):
         "Start a new figure."

@@ -10,6 +10,7 @@ from torch import nn
 import torch.nn.functional as F
 from .callback import *
 from .learner import unwrap_model
+from .core import document_params
 
 # %% auto #0
 __all__ = ['synthetic_text', 'char_stream', 'LMDataLoader', 'CharLM', 'lm_loss', 'RNNCallback', 'LossTerm', 'RNNRegularizer',
@@ -118,13 +119,16 @@ def _resettables(model: nn.Module) -> list:
     for child in model.children(): found += _resettables(child)
     return found
 
+@document_params
 class RNNCallback(Callback):
     """Resets a stateful model (`model.reset()`) before every fit and before the passes named in `reset_on`
     ('train', 'validate'); keeps `output` of an `(output, raw_outputs, dropped_outputs)` model output as `learn.pred`
     and stores the others as `raw_out` and `out`."""
     order = -10
     _passes = ('train', 'validate')
-    def __init__(self, reset_on=('train', 'validate')):
+    def __init__(self,
+                 reset_on=('train', 'validate')  # passes before which the model's state is reset: 'train', 'validate'
+                ):
         reset_on = (reset_on,) if isinstance(reset_on, str) else tuple(reset_on)
         wrong = [o for o in reset_on if o not in self._passes]
         if wrong: raise ValueError(f"reset_on takes a subset of {self._passes} (the model is always reset before a fit), got {wrong}")
@@ -165,12 +169,17 @@ def _check_weight(weight):
         raise ValueError(f"weight must be a finite real number or a schedule (a callable of pct_train), got {weight!r}")
     return float(weight)
 
+@document_params
 class LossTerm(Callback):
     """Adds `weight * term(learn)` to `learn.loss_grad` in `after_loss` of training batches (`learn.loss` is unchanged).
     `weight`: a number or a schedule `pct_train -> number`. Subclass and define `term(learn)`, or pass `term=`.
     Records each batch's term in `values` and its weight in `weights` (one host transfer per training pass)."""
     order = -5
-    def __init__(self, term=None, weight=1., name: str | None = None):
+    def __init__(self,
+                 term=None,  # `term(learn)` gives a scalar tensor to add (or define `term` in a subclass)
+                 weight=1.,  # a number, or a schedule `pct_train -> number`
+                 name: str | None = None  # the callback's name (`learn.<name>`; None: from the class)
+                ):
         if term is not None and not callable(term): raise TypeError(f"term must be a function of the learner, got {term!r}")
         if term is None and type(self).term is LossTerm.term:
             raise TypeError("LossTerm needs a term: pass term=<function of the learner>, or subclass and define term(self, learn)")
@@ -232,12 +241,19 @@ class LossTerm(Callback):
 # %% ../nbs/16_rnn.ipynb #2c76fa19
 def _last(o): return o[-1] if isinstance(o, (list, tuple)) else o
 
+@document_params
 class RNNRegularizer(LossTerm):
     """AR + TAR on the last layer of an AWD-LSTM style model: `alpha * mean(out**2)` on the dropped output plus
     `beta * mean((raw[:, t+1] - raw[:, t])**2)` on the raw output (time on `time_dim`), added to `loss_grad` in
     training. Reads the outputs stored by `RNNCallback`; `weight` (number or schedule) multiplies both."""
     run_after = RNNCallback
-    def __init__(self, alpha: float = 2., beta: float = 1., time_dim: int = 1, weight=1., name: str | None = None):
+    def __init__(self,
+                 alpha: float = 2.,  # weight of AR (activation regularization) on the dropped output
+                 beta: float = 1.,  # weight of TAR (temporal activation regularization) on the raw output
+                 time_dim: int = 1,  # the time dimension of the outputs
+                 weight=1.,  # a number or a schedule multiplying both terms
+                 name: str | None = None  # the callback's name (None: from the class)
+                ):
         for label, value in (('alpha', alpha), ('beta', beta)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"{label} must be a finite real number, got {value!r}")
