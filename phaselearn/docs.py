@@ -11,8 +11,8 @@ from fastcore.script import call_parse
 # %% auto #0
 __all__ = ['README_HEADER', 'SITE_NPM', 'CDN_HOSTS', 'WIDGET_PICTURE_NOTE', 'QUARTO_MISSING', 'notebook_markdown', 'readme_text',
            'make_readme', 'readme_cli', 'is_test_cell', 'page_notebook', 'execute_notebook', 'split_title',
-           'vendor_assets', 'on_post_page', 'cdn_references', 'inspect_isroutine_or_class', 'DocRenderer', 'build_site',
-           'quarto_docs', 'docs_cli']
+           'vendor_assets', 'on_post_page', 'on_page_content', 'cdn_references', 'DocRenderer', 'build_site',
+           'write_llms_txt', 'quarto_docs', 'docs_cli']
 
 # %% ../nbs/12_docs.ipynb #5c8358bf
 _directive = re.compile(r'^\s*#\|\s*(.*)$')
@@ -404,6 +404,11 @@ def on_post_page(output: str, page=None, config=None, **kwargs) -> str:
     hosts = '|'.join(re.escape(h) for h in CDN_HOSTS)
     return re.sub(_CDN_URL.format(hosts), lambda m: _vendor_url(m.group(0), base), output)
 
+def on_page_content(html: str, page=None, config=None, files=None) -> str:
+    "mkdocs hook, before search indexes the page: keep each code cell's copy button text ('Copied!') and its hidden second copy of the code out of search."
+    html = html.replace('<span class="notice" hidden>', '<span class="notice" hidden data-search-exclude>')
+    return html.replace('class="clipboard-copy-txt">', 'class="clipboard-copy-txt" data-search-exclude>')
+
 def cdn_references(site: Path) -> list:
     "Every `(page, url)` of the built `site` that points at a CDN host: the build fails unless this is empty."
     pattern = re.compile(r'(?:https?:)?//(?:{})[^\s"\'<>]*'.format('|'.join(re.escape(h) for h in CDN_HOSTS)))
@@ -416,10 +421,10 @@ def _default_text(value) -> str:
     if isinstance(value, (tuple, list)) and value and all(callable(v) for v in value):
         text = ', '.join(_default_text(v) for v in value)
         return f"({text},)" if isinstance(value, tuple) and len(value) == 1 else f"({text})" if isinstance(value, tuple) else f"[{text}]"
-    if inspect_isroutine_or_class(value): return public_name(value)
+    if _is_named(value): return public_name(value)
     return repr(value)
 
-def inspect_isroutine_or_class(value) -> bool:
+def _is_named(value) -> bool:
     import inspect
     return inspect.isclass(value) or inspect.isroutine(value)
 
@@ -460,6 +465,9 @@ class DocRenderer:
         self.nm = name or getattr(sym, '__qualname__', None) or getattr(sym, '__name__', repr(sym))
         self.is_class = inspect.isclass(sym)
         self.params, self.returns = _signature_params(sym)
+        self.bases = None
+        if self.is_class and issubclass(sym, BaseException) and all(c.__module__ == 'builtins' for c in sym.__mro__ if '__init__' in vars(c)):
+            self.params, self.bases = [], ', '.join(b.__name__ for b in sym.__bases__)   # an exception: its bases, no parameters
         self.dm = {}
         if self.params is not None:
             from fastcore.docments import docments
@@ -472,6 +480,7 @@ class DocRenderer:
         import inspect
         short = getattr(self.sym, '__name__', self.nm)
         if self.params is None: return f"{type(self.sym).__name__} {short}"
+        if self.bases is not None: return f"class {short}({self.bases})"
         head = ('class ' if self.is_class else 'async def ' if inspect.iscoroutinefunction(self.sym) else 'def ') + short
         ret = self.returns
         tail = '' if self.is_class or ret is inspect.Signature.empty else ' -> ' + (ret if isinstance(ret, str) else inspect.formatannotation(ret))
@@ -521,7 +530,8 @@ class DocRenderer:
 
 # %% ../nbs/12_docs.ipynb #44d20265
 def _page_name(path: Path) -> str:
-    return re.sub(r'^\d+_', '', path.stem)
+    "The page's name as nbdev's doc links name it: the stem without its number (`19a_compile` -> `compile`)."
+    return re.sub(r'^\d+[a-zA-Z0-9]*_', '', path.stem.lower())
 
 def _title(nb: dict, default: str) -> str:
     for cell in nb['cells']:
@@ -567,7 +577,7 @@ def build_site(root: Path | None = None, execute: bool = True, n_workers: int = 
     times['nbdev processing'], t = time.time() - t, time.time()
     md, doc_url = docs / 'md', _setting(root, 'doc_host').rstrip('/') + '/' + _setting(root, 'doc_baseurl').strip('/') + '/'
     shutil.rmtree(md, ignore_errors=True); (md / 'src').mkdir(parents=True)
-    nav = []
+    nav, pages = [], []
     for src, proc in zip(paths, processed):
         shutil.copy(src, md / 'src' / src.name)
         link = f"<small>Source: [nbs/{src.name}](src/{src.name}) (download it and run it in Jupyter)</small>"
@@ -575,9 +585,10 @@ def build_site(root: Path | None = None, execute: bool = True, n_workers: int = 
         text = json.dumps(nb).replace(doc_url, '')   # nbdev's links to the published site: relative, to this one
         (md / f"{_page_name(src)}.ipynb").write_text(text)
         nav.append({_title(nb, _page_name(src)): f"{_page_name(src)}.ipynb"})
+        pages.append((_page_name(src), _title(nb, _page_name(src)), json.loads(text)))
     vendor_assets(md / 'assets' / 'vendor', docs / 'npm')
     (md / 'assets' / 'phaselearn.css').write_text(_SITE_CSS)
-    (docs / 'hooks.py').write_text('"mkdocs hooks of the phaselearn docs build."\nfrom phaselearn.docs import on_post_page\n')
+    (docs / 'hooks.py').write_text('"mkdocs hooks of the phaselearn docs build."\nfrom phaselearn.docs import on_page_content, on_post_page\n')
     (docs / 'mkdocs.yml').write_text(_mkdocs_yml(root, nav))
     times['pages'], t = time.time() - t, time.time()
     site = docs / 'site'
@@ -585,11 +596,23 @@ def build_site(root: Path | None = None, execute: bool = True, n_workers: int = 
     import os
     subprocess.run([sys.executable, '-m', 'mkdocs', 'build', '--quiet', '--clean', '-f', str(docs / 'mkdocs.yml')],
                    check=True, cwd=docs, env={**os.environ, 'NO_MKDOCS_2_WARNING': '1'})
+    write_llms_txt(site, pages, 'phaselearn', _setting(root, 'description'))
     times['mkdocs'] = time.time() - t
     if bad := cdn_references(site):
         raise RuntimeError("pages still load from a CDN: " + '; '.join(f"{p}: {u}" for p, u in bad[:5]))
     print("built " + ', '.join(f"{k} {v:.1f}s" for k, v in times.items()) + f"; total {sum(times.values()):.1f}s")
     return site
+
+# %% ../nbs/12_docs.ipynb #ca6402e2
+def write_llms_txt(site: Path, pages: list, title: str, summary: str) -> Path:
+    "Write `site/llms.txt` and a Markdown copy of each page: `pages` is a list of `(name, page title, page notebook dict)`."
+    site = Path(site)
+    lines = [f"# {title}", '', f"> {summary}", '', "Each page is a notebook of the project rendered as Markdown: prose, code and outputs.", '', '## Docs', '']
+    for name, page_title, nb in pages:
+        (site / f"{name}.md").write_text(notebook_markdown(nb))
+        lines.append(f"- [{page_title}]({name}.md)")
+    (site / 'llms.txt').write_text('\n'.join(lines) + '\n')
+    return site / 'llms.txt'
 
 # %% ../nbs/12_docs.ipynb #79b6b6e2
 QUARTO_MISSING = ("Quarto is not installed, so nbdev_docs cannot render the site here: run `phaselearn_docs` "

@@ -17,7 +17,7 @@ from .recorder import *
 from .optimizer import *
 
 # %% auto #0
-__all__ = ['FORMAT_VERSION', 'unwrap_model', 'LoadError', 'Learner', 'GatherPreds', 'in_dataset_order', 'TrainingProgress',
+__all__ = ['FORMAT_VERSION', 'unwrap_model', 'Learner', 'GatherPreds', 'in_dataset_order', 'TrainingProgress', 'LoadError',
            'state_checksum', 'check_opt_state']
 
 # %% ../nbs/07_learner.ipynb #a60a1c15
@@ -33,8 +33,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def _shapes(items) -> str:
     return ', '.join(str(tuple(o.shape)) if hasattr(o, 'shape') else type(o).__name__ for o in items)
 
-class LoadError(ValueError):
-    "A saved file that cannot be loaded: missing pieces, foreign or truncated."
 FORMAT_VERSION = 1
 
 # %% ../nbs/07_learner.ipynb #d6dbfff7
@@ -441,6 +439,9 @@ def progress(self: Learner) -> TrainingProgress:
                             samples=state.get('train_samples', 0))
 
 # %% ../nbs/07_learner.ipynb #7eaa119b
+class LoadError(ValueError):
+    "A saved file that cannot be loaded: missing pieces, foreign or truncated."
+
 def state_checksum(state: dict) -> str:
     """SHA-256 of everything in `state` but its `'checksum'` entry: the nesting, every plain value, and each tensor's
     dtype, shape and bytes. Stored in saved files and checkpoints; a file whose content changed after writing (a

@@ -97,7 +97,7 @@ class TrainingPhase:
         parts = [f"{length[0]}={length[1]!r}"]
         for name in ('bs', 'opt_func', 'loss_func', 'loss_weights'):
             value = getattr(self, name)
-            if value is not None: parts.append(f"{name}={getattr(value, '__name__', value)!r}" if name == 'opt_func' else f"{name}={value!r}")
+            if value is not None: parts.append(f"{name}={public_name(value)}" if name == 'opt_func' else f"{name}={value!r}")
         if self.dls is not None: parts.append('dls=...')
         parts += [f"{k}={v!r}" for k, v in self.hypers.items()]
         if self.attrs: parts.append(f"attrs={self.attrs!r}")

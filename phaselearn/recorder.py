@@ -403,10 +403,13 @@ class ProgressCallback(Callback):
         self._recorder = getattr(self.learn, 'recorder', None)
 
     def _open_bar(self, desc):
-        self._close_bar()
-        if not self.show_bar or quiet_env(): return
-        from tqdm.auto import tqdm
-        self.bar = tqdm(total=self.learn.n_iter, desc=desc, leave=False, dynamic_ncols=True)
+        "Open the bar of a pass; in a notebook, reset the fit's one bar: a notebook keeps one widget per fit, not two per epoch."
+        if not self.show_bar or quiet_env(): return self._close_bar()
+        if self.bar is not None:
+            self.bar.reset(total=self.learn.n_iter); self.bar.set_description(desc, refresh=False)
+        else:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=self.learn.n_iter, desc=desc, leave=False, dynamic_ncols=True)
         now = _clock()
         self._next_update, self._next_postfix = now + self.bar_interval, now + self.refresh
 
@@ -436,14 +439,16 @@ class ProgressCallback(Callback):
     def _close_bar(self):
         if self.bar is not None: self.bar.close()
         self.bar = None
+    def _end_pass(self):
+        if not in_notebook(): self._close_bar()   # a terminal bar goes before the table's line; a widget is reset and reused
     def after_train(self):
-        "Close the training bar."
-        self._close_bar()
+        "End the training bar (in a notebook it is reset and reused by the next pass)."
+        self._end_pass()
     def after_validate(self):
-        "Close the validation bar."
-        self._close_bar()
+        "End the validation bar (in a notebook it is reset and reused by the next pass)."
+        self._end_pass()
     def after_fit(self):
-        "Close any bar still open."
+        "Close the bar."
         self._close_bar()
 
     def after_epoch(self):
@@ -453,10 +458,10 @@ class ProgressCallback(Callback):
         self.rows.append(recorder.values[-1])
         names = recorder.names
         if self.html if self.html is not None else in_notebook():
-            from IPython.display import display, HTML
-            table = HTML(table_html(names, self.rows))
-            if self.handle is None: self.handle = display(table, display_id=True)
-            else: self.handle.update(table)
+            from IPython.display import display
+            table = {'text/html': table_html(names, self.rows), 'text/plain': table_text(names, self.rows)}   # text: for a viewer without HTML
+            if self.handle is None: self.handle = display(table, raw=True, display_id=True)
+            else: self.handle.update(table, raw=True)
         else: print(table_text(names, self.rows[-1:], header=len(self.rows) == 1), flush=True)
 
 # %% ../nbs/04_recorder.ipynb #db3c0348
