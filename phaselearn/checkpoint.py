@@ -52,7 +52,11 @@ def loader_replay_state(dl) -> dict | None:
 
 class ReplayLoader:
     "The rest of a pass of `dl`: generators set back to `state` (from `loader_replay_state`), the first `skip` batches drawn and dropped."
-    def __init__(self, dl, state: dict, skip: int): self.dl, self.replay_state, self.skip = dl, state, skip
+    def __init__(self,
+                 dl,  # the loader to replay
+                 state: dict,  # its random state at the start of the pass (`loader_replay_state`)
+                 skip: int):  # batches to draw and drop (those already trained on)
+        self.dl, self.replay_state, self.skip = dl, state, skip
     def __len__(self): return len(self.dl)
     def __iter__(self):
         dl, state = self.dl, self.replay_state

@@ -77,7 +77,10 @@ class CompiledStep(Callback):
 
 # %% ../nbs/19a_compile.ipynb #eb0d3694
 @patch
-def compile(self: Learner, model: bool = True, step: bool = False, **compile_kwargs):
+def compile(self: Learner,
+            model: bool = True,  # replace `learn.model` by `torch.compile(model)`
+            step: bool = False,  # compile the optimizer step too (`CompiledStep`)
+            **compile_kwargs):  # passed on to `torch.compile` (`backend`, `mode`, ...)
     "`learn.model = torch.compile(model)` and, with `step`, the optimizer step compiled too (`CompiledStep`); `compile_kwargs` go to `torch.compile`."
     if model: self.model = torch.compile(unwrap_model(self.model), **compile_kwargs)
     self.remove_cbs([cb for cb in self.cbs if isinstance(cb, CompiledStep)])

@@ -101,7 +101,7 @@ PARAMS_HEADER = "\n\nParameters:\n"
 def document_params(obj):
     "Append the parameters of `obj` (a class or function), as their `docments` comments describe them, to its docstring."
     from fastcore.docments import docments
-    try: dm = docments(obj, full=True)
+    try: dm = docments(obj, full=True, args_kwargs=True)
     except (OSError, TypeError, SyntaxError): return obj   # no source to read (a class made in a notebook cell): as it is
     rows = [f"    {name}: {d['docment']}" for name, d in dm.items() if name not in ('self', 'return') and d.get('docment')]
     doc = (obj.__doc__ or '').split(PARAMS_HEADER)[0]

@@ -29,7 +29,10 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
 # %% ../nbs/01_data.ipynb #b51cdbf3
 class EpochSampler(Sampler):
     "Yields indices of a dataset of size `n`, shuffled by (seed, epoch) when `shuffle`; each pass moves to the next epoch."
-    def __init__(self, n: int, shuffle: bool = True, seed: int | None = None):
+    def __init__(self,
+                 n: int,  # length of the dataset
+                 shuffle: bool = True,  # a new permutation each epoch (False: in order)
+                 seed: int | None = None):  # seed of the permutations (None: drawn from torch's global generator)
         self.n, self.shuffle = n, shuffle
         self.seed = _draw_seed() if seed is None else seed
         self.epoch, self.skip_samples = 0, 0
@@ -46,8 +49,13 @@ class EpochSampler(Sampler):
 # %% ../nbs/01_data.ipynb #b93188c5
 class TensorLoader:
     "Batches of `tensors` (same first dimension) by indexing: one gather per tensor per batch."
-    def __init__(self, *tensors: torch.Tensor, bs: int = 64, shuffle: bool = False, drop_last: bool = False,
-                 seed: int | None = None, device=None):
+    def __init__(self,
+                 *tensors: torch.Tensor,  # tensors with the same first dimension (inputs, then targets)
+                 bs: int = 64,  # batch size
+                 shuffle: bool = False,  # a new order each epoch
+                 drop_last: bool = False,  # drop the last, smaller batch
+                 seed: int | None = None,  # seed of the orders (None: drawn from torch's global generator)
+                 device=None):  # move the tensors there once, at construction (None: where they are)
         if not tensors: raise ValueError("TensorLoader needs at least one tensor")
         n = len(tensors[0])
         if any(len(t) != n for t in tensors):

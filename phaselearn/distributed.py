@@ -74,7 +74,11 @@ def _even_order(order: torch.Tensor, world_size: int) -> torch.Tensor:
 
 class DistributedLoader:
     "Rank `rank`'s share (samples `rank::world_size`) of every batch of `loader`; `even` (training): equal shares, padded."
-    def __init__(self, loader, rank: int | None = None, world_size: int | None = None, even: bool = True):
+    def __init__(self,
+                 loader,  # the loader every rank iterates in the same order
+                 rank: int | None = None,  # this process's rank (None: from the environment)
+                 world_size: int | None = None,  # number of processes (None: from the environment)
+                 even: bool = True):  # equal shares, padded with the first samples (training); False: exact shares (validation)
         default_rank, default_world = rank_and_world_size()
         self.rank = default_rank if rank is None else rank
         self.world_size = default_world if world_size is None else world_size

@@ -471,7 +471,7 @@ class DocRenderer:
         self.dm = {}
         if self.params is not None:
             from fastcore.docments import docments
-            try: self.dm = docments(sym, full=True)
+            try: self.dm = docments(inspect.unwrap(sym), full=True, args_kwargs=True)   # unwrap: a contextmanager's own source
             except Exception: self.dm = {}
 
     @property
@@ -540,6 +540,12 @@ def _title(nb: dict, default: str) -> str:
             if m: return m.group(1).strip()
     return default
 
+_HOOKS = """\"mkdocs hooks of the phaselearn docs build.\"
+from mkdocs.plugins import event_priority
+from phaselearn.docs import on_page_content, on_post_page
+on_page_content = event_priority(100)(on_page_content)   # before the search plugin indexes the page (it runs at priority 0)
+"""
+
 _SITE_CSS = """.jupyter-wrapper .show-doc-source { float: right; font-size: smaller; }
 .jupyter-wrapper .jp-RenderedMarkdown hr { margin: 1.5em 0 0.5em; }
 """
@@ -588,7 +594,7 @@ def build_site(root: Path | None = None, execute: bool = True, n_workers: int = 
         pages.append((_page_name(src), _title(nb, _page_name(src)), json.loads(text)))
     vendor_assets(md / 'assets' / 'vendor', docs / 'npm')
     (md / 'assets' / 'phaselearn.css').write_text(_SITE_CSS)
-    (docs / 'hooks.py').write_text('"mkdocs hooks of the phaselearn docs build."\nfrom phaselearn.docs import on_page_content, on_post_page\n')
+    (docs / 'hooks.py').write_text(_HOOKS)
     (docs / 'mkdocs.yml').write_text(_mkdocs_yml(root, nav))
     times['pages'], t = time.time() - t, time.time()
     site = docs / 'site'

@@ -112,7 +112,8 @@ class Learner:
 
 # %% ../nbs/07_learner.ipynb #369902bf
 @patch
-def add_cb(self: Learner, cb):
+def add_cb(self: Learner,
+           cb):  # a `Callback` instance, or a `Callback` class (made with no arguments)
     "Attach `cb` (a Callback, or a Callback class to instantiate)."
     if isinstance(cb, type): cb = cb()
     if not isinstance(cb, Callback): raise TypeError(f"callbacks must be Callback instances or classes, got {cb!r}")
@@ -123,13 +124,15 @@ def add_cb(self: Learner, cb):
     return self
 
 @patch
-def add_cbs(self: Learner, cbs):
+def add_cbs(self: Learner,
+            cbs):  # callbacks to attach: instances, or classes to make
     "Attach every callback in `cbs` (classes are instantiated); returns the learner."
     for cb in cbs: self.add_cb(cb)
     return self
 
 @patch
-def remove_cb(self: Learner, cb):
+def remove_cb(self: Learner,
+              cb):  # an attached callback, or a class: every attached callback of that class
     "Detach `cb` (an instance, or every callback of a class)."
     if isinstance(cb, type): self.remove_cbs([o for o in self.cbs if isinstance(o, cb)]); return self
     if any(cb is o for o in self.cbs):
@@ -140,14 +143,16 @@ def remove_cb(self: Learner, cb):
     return self
 
 @patch
-def remove_cbs(self: Learner, cbs):
+def remove_cbs(self: Learner,
+               cbs):  # callbacks to detach (instances, or classes)
     "Detach every callback in `cbs`; returns the learner."
     for cb in list(cbs): self.remove_cb(cb)
     return self
 
 @patch
 @contextlib.contextmanager
-def added_cbs(self: Learner, cbs):
+def added_cbs(self: Learner,
+              cbs):  # callbacks (instances, or classes to make) attached for the `with` block only
     "Attach `cbs` for the duration of a `with` block, and detach them whatever happens."
     cbs = [cb() if isinstance(cb, type) else cb for cb in (cbs or [])]
     self.add_cbs(cbs)
@@ -303,7 +308,10 @@ def _run(self: Learner, epoch_lengths: list, cbs=None, resume=None):
     with self.added_cbs(list(cbs or []) + [resumer]): self._fit(epoch_lengths, resumer.start_epoch, resumer.start_iter)
 
 @patch
-def validate(self: Learner, dl=None, cbs=None) -> list:
+def validate(self: Learner,
+             dl=None,  # loader to validate on (None: `dls.valid`)
+             cbs=None  # callbacks added for this pass only
+            ) -> list:
     "Loss and metrics over `dl` (default: `dls.valid`): `[valid_loss, *metric values]`."
     dl = self.dls.valid if dl is None else dl
     if dl is None: raise ValueError("nothing to validate on: dls.valid is None and no dl was given")
@@ -314,7 +322,9 @@ def validate(self: Learner, dl=None, cbs=None) -> list:
     return self.recorder.last_valid
 
 @patch
-def get_preds(self: Learner, dl=None, with_loss: bool = False):
+def get_preds(self: Learner,
+              dl=None,  # loader to predict on (None: `dls.valid`)
+              with_loss: bool = False):  # also return each sample's loss (the loss function's `reduction='none'`)
     "Predictions and targets over `dl` (default: `dls.valid`) in dataset order, every sample; with `with_loss`, per-sample losses too."
     gather = GatherPreds(with_loss)
     dl = self.dls.valid if dl is None else dl
@@ -372,7 +382,8 @@ def in_dataset_order(dl):
 
 # %% ../nbs/07_learner.ipynb #14f44cfa
 @patch
-def to(self: Learner, device):
+def to(self: Learner,
+       device):  # a `torch.device` or its name (`'cpu'`, `'cuda:0'`)
     "Move the model, the optimizer state and future batches to `device`."
     self.device = torch.device(device)
     self.model.to(self.device)
@@ -383,7 +394,8 @@ def to(self: Learner, device):
     return self
 
 @patch
-def freeze_to(self: Learner, n: int):
+def freeze_to(self: Learner,
+              n: int):  # first layer group that keeps training (negative: counted from the end)
     "Freeze the layer groups before `n` (negative counts from the end)."
     if self.opt is None: self.create_opt()
     self.opt.freeze_to(n)
@@ -408,7 +420,9 @@ class TrainingProgress:
       the fit; `pct_train = train_iter / total_iter`; `samples`: training samples done in the fit (by this process: under DDP, this rank's share)."""
     __slots__ = ('phase', 'phase_iter', 'phase_len', 'phase_pct', 'epoch', 'iter', 'train_iter', 'pct_train', 'samples', '_learn')
     fields = __slots__[:-1]
-    def __init__(self, learn, **values):
+    def __init__(self,
+                 learn,  # the learner whose training this describes
+                 **values):  # a value for each name of `fields`
         object.__setattr__(self, '_learn', learn)
         for name in self.fields: object.__setattr__(self, name, values[name])
 
@@ -534,7 +548,10 @@ def _file(self: Learner, name) -> Path:
     return self.path / self.model_dir / f"{name}.pt"
 
 @patch
-def save(self: Learner, name, with_opt: bool = False) -> Path:
+def save(self: Learner,
+         name,  # file name under `path/model_dir` (`.pt` added), or a path
+         with_opt: bool = False  # also save the optimizer state (to resume training, not only to predict)
+        ) -> Path:
     "Save the model's weights (and the optimizer state with `with_opt`) to `path/model_dir/name.pt`, atomically."
     state = {'format_version': FORMAT_VERSION, 'model': unwrap_model(self.model).state_dict()}
     if with_opt:
@@ -544,7 +561,10 @@ def save(self: Learner, name, with_opt: bool = False) -> Path:
     return atomic_save(state, self._file(name))
 
 @patch
-def load(self: Learner, name, strict: bool = True, with_opt=None):
+def load(self: Learner,
+         name,  # file name under `path/model_dir` (`.pt` added), or a path
+         strict: bool = True,  # every key of the model's state must match the file's (as in `load_state_dict`)
+         with_opt=None):  # None: load the optimizer state when the file has one; True: the file must have one; False: weights only
     """Load weights (and optimizer state when present, or `with_opt=True`) saved by `save`, or a plain
     `torch.save(model.state_dict())`. All or nothing: the weights and the optimizer state are both checked first."""
     file = self._file(name)

@@ -149,7 +149,8 @@ def _loader_parts(dl) -> list:
 # %% ../nbs/09_lr_finder.ipynb #4f7530a4
 class LearnerSnapshot:
     "An in-memory copy of everything training changes in `learn` (see above); `restore()` puts it back."
-    def __init__(self, learn):
+    def __init__(self,
+                 learn):  # the learner to copy
         self.learn = learn
         model = learn.model
         self.model_state = copy.deepcopy(model.state_dict())
@@ -257,7 +258,13 @@ class _TableOff:
 # %% ../nbs/09_lr_finder.ipynb #c78b7d3d
 class LRFindResult:
     "The curve of a sweep (`lrs` of the last layer group, smoothed `losses`), its `suggestions`, and how it ended."
-    def __init__(self, lrs, losses, num_it: int, diverged: bool, suggest_funcs, ratios=None):
+    def __init__(self,
+                 lrs,  # learning rate of the last layer group at each iteration
+                 losses,  # smoothed training loss at each iteration
+                 num_it: int,  # iterations the sweep was given
+                 diverged: bool,  # whether the sweep stopped early on a diverging loss
+                 suggest_funcs,  # functions `(lrs, losses) -> lr` giving the suggestions (`valley`, `steep`, ...)
+                 ratios=None):  # each layer group's rate relative to the last group's (None: one group)
         self.lrs, self.losses = np.asarray(lrs, dtype=float), np.asarray(losses, dtype=float)
         self.num_it, self.diverged, self.fig = num_it, diverged, None
         self.ratios = np.ones(1) if ratios is None else np.asarray(ratios, dtype=float)
@@ -334,7 +341,8 @@ def lr_find(self: Learner,
     return result.suggestions
 
 @patch
-def plot_lr_find(self: Learner, ax=None):
+def plot_lr_find(self: Learner,
+                 ax=None):  # matplotlib axes to draw on (None: a new figure)
     "Plot the curve of the last `lr_find` again; returns the axes."
     result = self.__dict__.get('lr_find_result')
     if result is None: raise ValueError("no lr_find result to plot: run learn.lr_find() first")

@@ -448,14 +448,19 @@ class GradientClip(Callback):
 
 # %% ../nbs/10_mixed_precision.ipynb #55d59858
 @patch
-def to_fp16(self: Learner, classic: bool = False, **kwargs) -> Learner:
+def to_fp16(self: Learner,
+            classic: bool = False,  # fp16 weights with an fp32 master copy (`FP16Training`) instead of autocast
+            **kwargs  # passed on to `MixedPrecision` (or `FP16Training`)
+           ) -> Learner:
     "Train in float16: `MixedPrecision(torch.float16, **kwargs)`, or `FP16Training(**kwargs)` with `classic=True`."
     _check_float_params(unwrap_model(self.model), 'to_fp16()')
     cb = FP16Training(**kwargs) if classic else MixedPrecision(torch.float16, **kwargs)
     return self.to_fp32().add_cb(cb)
 
 @patch
-def to_bf16(self: Learner, **kwargs) -> Learner:
+def to_bf16(self: Learner,
+            **kwargs  # passed on to `MixedPrecision`
+           ) -> Learner:
     "Train in bfloat16 with autocast: `MixedPrecision(torch.bfloat16, **kwargs)`."
     _check_float_params(unwrap_model(self.model), 'to_bf16()')
     cb = MixedPrecision(torch.bfloat16, **kwargs)

@@ -235,7 +235,10 @@ class Preview(dict):
     """A preview: `name -> array (n_iter, n_groups)` for hyperparameters and `path -> array (n_iter, 1)` for attributes,
     plus the plan's `lengths` (batches per pass of each phase) and `samples` (training samples of each phase; None where
     the batch size is unknown)."""
-    def __init__(self, values: dict, lengths: list, samples: list | None = None):
+    def __init__(self,
+                 values: dict,  # `name -> array (n_iter, n_groups)` for hyperparameters, `path -> array (n_iter, 1)` for attributes
+                 lengths: list,  # the plan's batches per pass of each phase
+                 samples: list | None = None):  # training samples of each phase (None where the batch size is unknown)
         super().__init__(values)
         self.lengths, self.samples = lengths, samples if samples is not None else [None] * len(lengths)
     def plot(self, names=None, axes=None, **kwargs):
@@ -533,7 +536,10 @@ def fit_phases(self: Learner,
     self._run([n for passes in lengths for n in passes], [scheduler] + list(cbs or []), resume)
 
 @patch
-def preview(self: Learner, phases, cbs=None) -> Preview:
+def preview(self: Learner,
+            phases,  # a `Phases`, or a list of `TrainingPhase`s
+            cbs=None  # the callbacks the fit would be given (some change how schedules move, e.g. `GradientAccumulation`)
+           ) -> Preview:
     "The exact per-iteration values (hyperparameters and attributes) `fit_phases(phases, cbs)` will use, from this learner's data, optimizer and attributes."
     phases = Phases(phases)
     if self.opt is None: self.create_opt()

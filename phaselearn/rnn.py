@@ -42,7 +42,11 @@ def char_stream(text: str, vocab: str | None = None):
 class LMDataLoader:
     """Batches `(x, y)` of a token `stream` for a stateful language model: the stream is cut into `bs` contiguous rows;
     batch `i` is tokens `[i*bptt, (i+1)*bptt)` of every row, `y` the same window one token ahead."""
-    def __init__(self, stream: torch.Tensor, bs: int = 64, bptt: int = 70, device=None):
+    def __init__(self,
+                 stream: torch.Tensor,  # 1-D tensor of token ids, the whole text
+                 bs: int = 64,  # number of parallel streams (batch size)
+                 bptt: int = 70,  # tokens per window (back-propagation through time)
+                 device=None):  # where batches go (None: where `stream` is)
         stream = torch.as_tensor(stream)
         if stream.ndim != 1: raise ValueError(f"stream must be a 1-D tensor of token ids, got shape {tuple(stream.shape)}")
         for name, value in (('bs', bs), ('bptt', bptt)):
@@ -83,7 +87,12 @@ class CharLM(nn.Module):
     """Character-level LSTM language model that carries its state across batches (detached) until `reset()`.
     Returns `(logits, raw_outputs, dropped_outputs)`: logits `(bs, seq_len, vocab_size)` and, per layer, the LSTM
     output `(bs, seq_len, hidden_size)` before and after dropout."""
-    def __init__(self, vocab_size: int, emb_size: int = 16, hidden_size: int = 64, n_layers: int = 1, dropout: float = 0.):
+    def __init__(self,
+                 vocab_size: int,  # number of distinct tokens
+                 emb_size: int = 16,  # size of the token embeddings
+                 hidden_size: int = 64,  # size of the LSTM's hidden state
+                 n_layers: int = 1,  # stacked LSTM layers
+                 dropout: float = 0.):  # dropout probability between layers and before the output
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, emb_size)
         self.lstms = nn.ModuleList([nn.LSTM(emb_size if i == 0 else hidden_size, hidden_size, batch_first=True)

@@ -196,13 +196,16 @@ def _machine_paths():
     return sorted(p for p in paths if len(p) > 4)
 
 
+_STDERR_OUTPUT = re.compile(r'<div[^>]*data-mime-type="application/vnd\.jupyter\.stderr"')
+
+
 def test_no_stderr_box_and_no_machine_path():
     "No page renders a stderr output, and no page, Markdown copy or llms.txt names a path of the machine that built it."
     need(SITE.joinpath('index.html').exists(), f"no docs site in {SITE}: build it with `phaselearn_docs`")
     stderr, leaks = [], []
     for f in sorted(SITE.glob('*.html')) + sorted(SITE.glob('*.md')) + [SITE / 'llms.txt']:
         text = f.read_text(errors='replace')
-        if 'application/vnd.jupyter.stderr' in text: stderr.append(f.name)
+        if _STDERR_OUTPUT.search(text): stderr.append(f.name)   # an output element, not the theme's CSS rule for one
         leaks += [(f.name, p) for p in _machine_paths() if p in text]
     assert not stderr, f"pages with a stderr box: {stderr}"
     assert not leaks, f"build-machine paths in pages: {leaks[:10]}"
@@ -240,7 +243,7 @@ def test_api_reference_classes_and_parameters(site, name):
     docs = _show_docs(page)
     assert docs, f"no show_doc signature on {name}.html"
     first = page.locator('article h3').first.inner_text()
-    assert not first.startswith(('LoadError', 'CancelFitException')), f"{name}.html opens its reference with {first}"
+    assert name != 'learner' or first.startswith('Learner'), f"{name}.html opens its reference with {first}, not Learner"
     undocumented = []
     for heading, signature, rows in docs:
         obj = _resolve(heading)
