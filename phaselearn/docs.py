@@ -404,10 +404,14 @@ def on_post_page(output: str, page=None, config=None, **kwargs) -> str:
     hosts = '|'.join(re.escape(h) for h in CDN_HOSTS)
     return re.sub(_CDN_URL.format(hosts), lambda m: _vendor_url(m.group(0), base), output)
 
-def on_page_content(html: str, page=None, config=None, files=None) -> str:
-    "mkdocs hook, before search indexes the page: keep each code cell's copy button text ('Copied!') and its hidden second copy of the code out of search."
-    html = html.replace('<span class="notice" hidden>', '<span class="notice" hidden data-search-exclude>')
-    return html.replace('class="clipboard-copy-txt">', 'class="clipboard-copy-txt" data-search-exclude>')
+def on_page_content(html: str,  # the page's HTML, as mkdocs-jupyter rendered it
+                    page=None,  # given by mkdocs, unused
+                    config=None,  # given by mkdocs, unused
+                    files=None  # given by mkdocs, unused
+                   ) -> str:
+    "mkdocs hook, before search indexes the page: keep each code cell's copy-button confirmation and its hidden second copy of the code out of search."
+    html = re.sub(r'<span class="notice" hidden(?:="")?>', '<span class="notice" hidden data-search-exclude>', html)   # as written, or as
+    return re.sub(r'<(div|pre) class="clipboard-copy-txt"', r'<\1 class="clipboard-copy-txt" data-search-exclude', html)  # BeautifulSoup rewrites it
 
 def cdn_references(site: Path) -> list:
     "Every `(page, url)` of the built `site` that points at a CDN host: the build fails unless this is empty."
@@ -458,7 +462,7 @@ def _escape_cell(text: str) -> str: return str(text).replace('|', '\\|').replace
 
 class DocRenderer:
     "nbdev `show_doc` renderer: `class`/`def` signature as written, the docstring's summary, and a table of documented parameters."
-    def __init__(self, sym, name: str | None = None, title_level: int = 3, maxline: int = 100):
+    def __init__(self, sym, name: str | None = None, title_level: int = 3, maxline: int = 64):
         import inspect
         sym = getattr(sym, 'fget', None) or sym
         self.sym, self.title_level, self.maxline = sym, title_level, maxline

@@ -23,7 +23,8 @@ __all__ = ['FORMAT_VERSION', 'unwrap_model', 'Learner', 'GatherPreds', 'in_datas
 # %% ../nbs/07_learner.ipynb #a60a1c15
 _null_context = contextlib.nullcontext()
 
-def unwrap_model(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module  # a model, possibly wrapped by `torch.compile` or `DistributedDataParallel`
+                ) -> nn.Module:
     "The module whose state_dict is saved: without a torch.compile or DDP wrapper."
     while True:
         if hasattr(model, '_orig_mod'): model = model._orig_mod

@@ -310,7 +310,10 @@ def load_state_dict(self: Recorder, state: dict):
 
 # %% ../nbs/04_recorder.ipynb #f094b926
 @patch
-def plot_loss(self: Recorder, skip_start: int = 0, with_valid: bool = True, ax=None):
+def plot_loss(self: Recorder,
+              skip_start: int = 0,  # batches left out at the start (the first losses of a random network dwarf the rest)
+              with_valid: bool = True,  # also draw the validation loss at each epoch's end
+              ax=None):  # matplotlib axes to draw on (None: a new figure)
     "Smoothed training loss per batch, and the validation loss at the end of each epoch; returns the axes."
     import matplotlib.pyplot as plt
     if ax is None: _, ax = plt.subplots()
@@ -323,7 +326,8 @@ def plot_loss(self: Recorder, skip_start: int = 0, with_valid: bool = True, ax=N
     return ax
 
 @patch
-def plot_metrics(self: Recorder, axs=None):
+def plot_metrics(self: Recorder,
+                 axs=None):  # one matplotlib axes per panel to draw on (None: a new figure)
     "One panel per epoch-table column against the epoch: the losses together, then each metric; returns the axes."
     import matplotlib.pyplot as plt
     names, rows = self.names[1:-1], np.array([row[1:-1] for row in self.values], dtype=float).reshape(len(self.values), -1)
