@@ -52,7 +52,11 @@ def loader_replay_state(dl) -> dict | None:
 
 class ReplayLoader:
     "The rest of a pass of `dl`: generators set back to `state` (from `loader_replay_state`), the first `skip` batches drawn and dropped."
-    def __init__(self, dl, state: dict, skip: int): self.dl, self.replay_state, self.skip = dl, state, skip
+    def __init__(self,
+                 dl,  # the loader to replay
+                 state: dict,  # its random state at the start of the pass (`loader_replay_state`)
+                 skip: int):  # batches to draw and drop (those already trained on)
+        self.dl, self.replay_state, self.skip = dl, state, skip
     def __len__(self): return len(self.dl)
     def __iter__(self):
         dl, state = self.dl, self.replay_state
@@ -128,18 +132,25 @@ class _StateCopy:
     def wait(self):
         "Block until the copies of the last snapshot have landed (CUDA copies are asynchronous)."
         if self.event is not None: self.event.synchronize()
+
 def _is_fsdp(model) -> bool:
     "True when `model` was sharded by FSDP2's `fully_shard` (its checkpoints are then sharded: see the FSDP chapter)."
     from torch.distributed.fsdp import FSDPModule
     return isinstance(unwrap_model(model), FSDPModule)
 
+@document_params
 class CheckpointCallback(Callback):
     """Saves what a fit needs to resume exactly, every `every_epochs` epochs and/or `every_iters` batches; keeps `keep`
     files. `async_write=True`: the state is copied at the step boundary and written by a background thread (checksum,
     file, fsync, rename), at most one write in flight; a save waits for the previous write, and the fit's end waits for the last."""
     order, run_in_lr_find = 90, False
-    def __init__(self, fname: str = 'checkpoint', every_iters: int | None = None, every_epochs: int | None = 1, keep: int = 2,
-                 async_write: bool = False):
+    def __init__(self,
+                 fname: str = 'checkpoint',  # file name under `learn.path/learn.model_dir` (older files get `.1`, `.2`, ...)
+                 every_iters: int | None = None,  # save every this many training batches (None: not by batches)
+                 every_epochs: int | None = 1,  # save every this many epochs (None: not by epochs)
+                 keep: int = 2,  # how many checkpoint files to keep (the newest)
+                 async_write: bool = False  # copy the state at the step boundary and write it from a background thread
+                ):
         if not isinstance(fname, (str, os.PathLike)) or not str(fname):
             raise TypeError(f"fname must be a file name or path (a non-empty str or Path), got {type(fname).__name__} {fname!r}")
         for name, value in (('every_iters', every_iters), ('every_epochs', every_epochs)):
@@ -285,11 +296,14 @@ def read_checkpoint(learn, name) -> dict:
     raise FileNotFoundError(f"no usable checkpoint for {str(name)!r} (looked for {where} and older ranks)"
                             + (": " + "; ".join(errors) if errors else ""))
 
+@document_params
 class ResumeCallback(Callback):
     """Puts a checkpoint's state back into a fit that starts at its position: all of it (checked first, then loaded), then
     the fit skips what is done. A checkpoint of a finished fit is put back when the (empty) fit ends."""
     order = -40  # after the phase scheduler's before_epoch
-    def __init__(self, state: dict):
+    def __init__(self,
+                 state: dict  # a checkpoint's content (`torch.load` of a file `CheckpointCallback` wrote)
+                ):
         self.state, self.start_epoch, self.start_iter = state, state['epoch'], state['iter']
         self.pending_rng, self.finished = True, state['epoch'] >= len(state['epoch_lengths'])
 

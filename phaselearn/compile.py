@@ -8,6 +8,7 @@ import torch
 from fastcore.basics import patch
 from .callback import Callback
 from .learner import Learner, unwrap_model
+from .core import document_params
 
 # %% auto #0
 __all__ = ['CompiledStep']
@@ -29,13 +30,17 @@ def _fill(holder, value):
     return holder
 
 # %% ../nbs/19a_compile.ipynb #9adc6a15
+@document_params
 class CompiledStep(Callback):
     """Runs the torch optimizer's step through `torch.compile(**compile_kwargs)`, with the param-group values under
     `keys` held, during the step, in 0-d tensors filled with the current (scheduled) values, so a new value is new data
     for the compiled step rather than a new constant to recompile for. Follows `learn.opt` when a phase switches optimizers;
     removing the callback restores the eager step."""
     order = 0
-    def __init__(self, keys=('lr', 'betas', 'momentum'), **compile_kwargs):
+    def __init__(self,
+                 keys=('lr', 'betas', 'momentum'),  # param-group values held in tensors, so that scheduling them does not recompile the step
+                 **compile_kwargs  # passed on to `torch.compile` (`backend`, `mode`, ...)
+                ):
         self.keys, self.compile_kwargs, self._opt = tuple(keys), compile_kwargs, None
 
     def before_fit(self):
@@ -72,7 +77,10 @@ class CompiledStep(Callback):
 
 # %% ../nbs/19a_compile.ipynb #eb0d3694
 @patch
-def compile(self: Learner, model: bool = True, step: bool = False, **compile_kwargs):
+def compile(self: Learner,
+            model: bool = True,  # replace `learn.model` by `torch.compile(model)`
+            step: bool = False,  # compile the optimizer step too (`CompiledStep`)
+            **compile_kwargs):  # passed on to `torch.compile` (`backend`, `mode`, ...)
     "`learn.model = torch.compile(model)` and, with `step`, the optimizer step compiled too (`CompiledStep`); `compile_kwargs` go to `torch.compile`."
     if model: self.model = torch.compile(unwrap_model(self.model), **compile_kwargs)
     self.remove_cbs([cb for cb in self.cbs if isinstance(cb, CompiledStep)])

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['set_seed', 'rng_state_dict', 'load_rng_state_dict', 'derived_seed', 'default_device', 'to_device', 'is_distributed',
-           'rank_and_world_size', 'is_main_process', 'atomic_save']
+__all__ = ['PARAMS_HEADER', 'set_seed', 'rng_state_dict', 'load_rng_state_dict', 'derived_seed', 'default_device', 'to_device',
+           'is_distributed', 'rank_and_world_size', 'is_main_process', 'atomic_save', 'document_params', 'public_name']
 
 # %% ../nbs/00_core.ipynb #e9fa0223
 def set_seed(seed: int, deterministic: bool = False):
@@ -99,3 +99,33 @@ def atomic_save(obj, path) -> Path:
         if os.path.exists(tmp): os.remove(tmp)
         raise
     return path
+
+# %% ../nbs/00_core.ipynb #9cf65f49
+PARAMS_HEADER = "\n\nParameters:\n"
+
+def document_params(obj):
+    "Append the parameters of `obj` (a class or function), as their `docments` comments describe them, to its docstring."
+    from fastcore.docments import docments
+    try: dm = docments(obj, full=True, args_kwargs=True)
+    except (OSError, TypeError, SyntaxError): return obj   # no source to read (a class made in a notebook cell): as it is
+    rows = [f"    {name}: {d['docment']}" for name, d in dm.items() if name not in ('self', 'return') and d.get('docment')]
+    doc = (obj.__doc__ or '').split(PARAMS_HEADER)[0]
+    if rows: obj.__doc__ = doc + PARAMS_HEADER + '\n'.join(rows)
+    return obj
+
+def public_name(obj) -> str:
+    "`obj`'s name as its users import it: `torch.optim.SGD` (the shortest module path that has it), a phaselearn name bare."
+    import sys
+    name, module = getattr(obj, '__qualname__', None), getattr(obj, '__module__', None)
+    if name is None: return repr(obj)
+    if module is None or module == 'builtins' or module.split('.')[0] in ('phaselearn', '__main__'): return name
+    parts = module.split('.')
+    for i in range(1, len(parts) + 1):
+        mod = sys.modules.get('.'.join(parts[:i]))
+        if mod is not None and getattr(mod, name.split('.')[0], None) is not None and \
+           _get_path(mod, name) is obj: return '.'.join(parts[:i]) + '.' + name
+    return module + '.' + name
+
+def _get_path(mod, name):
+    for part in name.split('.'): mod = getattr(mod, part, None)
+    return mod

@@ -29,7 +29,10 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
 # %% ../nbs/01_data.ipynb #b51cdbf3
 class EpochSampler(Sampler):
     "Yields indices of a dataset of size `n`, shuffled by (seed, epoch) when `shuffle`; each pass moves to the next epoch."
-    def __init__(self, n: int, shuffle: bool = True, seed: int | None = None):
+    def __init__(self,
+                 n: int,  # length of the dataset
+                 shuffle: bool = True,  # a new permutation each epoch (False: in order)
+                 seed: int | None = None):  # seed of the permutations (None: drawn from torch's global generator)
         self.n, self.shuffle = n, shuffle
         self.seed = _draw_seed() if seed is None else seed
         self.epoch, self.skip_samples = 0, 0
@@ -46,8 +49,13 @@ class EpochSampler(Sampler):
 # %% ../nbs/01_data.ipynb #b93188c5
 class TensorLoader:
     "Batches of `tensors` (same first dimension) by indexing: one gather per tensor per batch."
-    def __init__(self, *tensors: torch.Tensor, bs: int = 64, shuffle: bool = False, drop_last: bool = False,
-                 seed: int | None = None, device=None):
+    def __init__(self,
+                 *tensors: torch.Tensor,  # tensors with the same first dimension (inputs, then targets)
+                 bs: int = 64,  # batch size
+                 shuffle: bool = False,  # a new order each epoch
+                 drop_last: bool = False,  # drop the last, smaller batch
+                 seed: int | None = None,  # seed of the orders (None: drawn from torch's global generator)
+                 device=None):  # move the tensors there once, at construction (None: where they are)
         if not tensors: raise ValueError("TensorLoader needs at least one tensor")
         n = len(tensors[0])
         if any(len(t) != n for t in tensors):
@@ -104,15 +112,28 @@ def _with_bs(dl, bs):
     raise TypeError(f"cannot change the batch size of a {type(dl).__name__}: give a DataLoader or TensorLoader")
 
 # %% ../nbs/01_data.ipynb #fe1a562a
+@document_params
 class DataLoaders:
     "A training loader and an optional validation loader (`valid=None`: no validation pass)."
-    def __init__(self, train, valid=None):
+    def __init__(self,
+                 train,  # the training loader
+                 valid=None  # the validation loader (None: no validation pass)
+                ):
         if train is None: raise ValueError("DataLoaders needs a training loader (valid may be None)")
         self.train, self.valid = train, valid
 
     @classmethod
-    def from_datasets(cls, train_ds, valid_ds=None, bs: int = 64, shuffle: bool = True, drop_last: bool = False,
-                      seed: int | None = None, valid_bs: int | None = None, **kwargs):
+    @document_params
+    def from_datasets(cls,
+                      train_ds,  # training `Dataset`
+                      valid_ds=None,  # validation `Dataset` (None: no validation set)
+                      bs: int = 64,  # batch size
+                      shuffle: bool = True,  # shuffle the training set every epoch
+                      drop_last: bool = False,  # drop the last, incomplete, training batch
+                      seed: int | None = None,  # seed of the shuffle (None: a random one)
+                      valid_bs: int | None = None,  # validation batch size (None: `2 * bs`)
+                      **kwargs  # passed on to torch's `DataLoader` (`num_workers`, `collate_fn`, `pin_memory`, ...)
+                     ):
         "Loaders over torch Datasets; `TensorDataset`s take the in-memory fast path. `kwargs` go to `DataLoader`."
         _check_bs(bs)
         valid_bs = valid_bs or 2 * bs
@@ -126,8 +147,19 @@ class DataLoaders:
         return cls(train, valid)
 
     @classmethod
-    def from_tensors(cls, x_train, y_train, x_valid=None, y_valid=None, bs: int = 64, shuffle: bool = True,
-                     drop_last: bool = False, seed: int | None = None, valid_bs: int | None = None, device=None):
+    @document_params
+    def from_tensors(cls,
+                     x_train,  # training inputs
+                     y_train,  # training targets
+                     x_valid=None,  # validation inputs (None: no validation set)
+                     y_valid=None,  # validation targets
+                     bs: int = 64,  # batch size
+                     shuffle: bool = True,  # shuffle the training set every epoch (a new order per epoch, from `seed`)
+                     drop_last: bool = False,  # drop the last, incomplete, training batch
+                     seed: int | None = None,  # seed of the shuffle (None: a random one)
+                     valid_bs: int | None = None,  # validation batch size (None: `2 * bs`)
+                     device=None  # move the tensors to this device once, and gather batches there (None: they stay where they are)
+                    ):
         "In-memory fast path: batches are gathered from the tensors directly (`device=` keeps them there)."
         train = TensorLoader(x_train, y_train, bs=bs, shuffle=shuffle, drop_last=drop_last, seed=seed, device=device)
         if (x_valid is None) != (y_valid is None): raise ValueError("give both x_valid and y_valid, or neither")

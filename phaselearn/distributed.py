@@ -77,7 +77,11 @@ def _even_order(order: torch.Tensor, world_size: int) -> torch.Tensor:
 
 class DistributedLoader:
     "Rank `rank`'s share (samples `rank::world_size`) of every batch of `loader`; `even` (training): equal shares, padded."
-    def __init__(self, loader, rank: int | None = None, world_size: int | None = None, even: bool = True):
+    def __init__(self,
+                 loader,  # the loader every rank iterates in the same order
+                 rank: int | None = None,  # this process's rank (None: from the environment)
+                 world_size: int | None = None,  # number of processes (None: from the environment)
+                 even: bool = True):  # equal shares, padded with the first samples (training); False: exact shares (validation)
         default_rank, default_world = rank_and_world_size()
         self.rank = default_rank if rank is None else rank
         self.world_size = default_world if world_size is None else world_size
@@ -250,11 +254,17 @@ def _save_on_main_process(learn):
     save.__doc__ = plain_save.__doc__ + " Under DistributedCallback: rank 0 writes, every rank waits (call it on all ranks)."
     return save
 
+@document_params
 class DistributedCallback(Callback):
     "DDP during a fit: wraps the model, shards the data (`bs` is the global batch), reduces loss and metrics, rank 0 speaks."
     order = -40
-    def __init__(self, sync_bn: bool = False, find_unused_parameters: bool = False, shard_valid: bool = True,
-                 reduce_loss: bool = True, **ddp_kwargs):
+    def __init__(self,
+                 sync_bn: bool = False,  # convert BatchNorm layers to SyncBatchNorm for the fit
+                 find_unused_parameters: bool = False,  # passed to `DistributedDataParallel` (needed when some parameters get no gradient)
+                 shard_valid: bool = True,  # each process validates its share of the validation set (False: every process validates all of it)
+                 reduce_loss: bool = True,  # average the loss over the processes for the epoch table
+                 **ddp_kwargs  # passed on to `DistributedDataParallel`
+                ):
         self.sync_bn, self.find_unused_parameters, self.shard_valid, self.reduce_loss = sync_bn, find_unused_parameters, shard_valid, reduce_loss
         self.ddp_kwargs, self.active, self.ddp, self.module = ddp_kwargs, False, None, None
 

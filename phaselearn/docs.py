@@ -9,9 +9,10 @@ from pathlib import Path
 from fastcore.script import call_parse
 
 # %% auto #0
-__all__ = ['README_HEADER', 'SITE_NPM', 'CDN_HOSTS', 'WIDGETS_NOTE', 'QUARTO_MISSING', 'notebook_markdown', 'readme_text',
-           'make_readme', 'readme_cli', 'is_test_cell', 'page_notebook', 'execute_notebook', 'vendor_assets',
-           'on_post_page', 'cdn_references', 'build_site', 'quarto_docs', 'docs_cli']
+__all__ = ['README_HEADER', 'SITE_NPM', 'CDN_HOSTS', 'WIDGET_PICTURE_NOTE', 'QUARTO_MISSING', 'notebook_markdown', 'readme_text',
+           'make_readme', 'readme_cli', 'is_test_cell', 'page_notebook', 'execute_notebook', 'split_title',
+           'vendor_assets', 'on_post_page', 'on_page_content', 'cdn_references', 'DocRenderer', 'build_site',
+           'write_llms_txt', 'quarto_docs', 'docs_cli']
 
 # %% ../nbs/12_docs.ipynb #5c8358bf
 _directive = re.compile(r'^\s*#\|\s*(.*)$')
@@ -167,6 +168,19 @@ def _frontmatter_cell(cell):
     md = f"# {meta['title']}" + (f"\n\n> {meta['description']}" if meta.get('description') else '')
     return {'cell_type': 'markdown', 'id': cell.get('id', 'title000'), 'metadata': {}, 'source': md}
 
+_CONTROLS = ('SliderModel', 'ButtonModel', 'DropdownModel', 'TextModel', 'CheckboxModel', 'ToggleButtonModel')
+WIDGET_PICTURE_NOTE = ('<p class="widget-picture-note"><em>A picture of the widget as this cell drew it: a static page has no '
+                       'Python to redraw the plot, so its controls are not offered here. Download the notebook (link at the top) '
+                       'and run it in Jupyter to move them.</em></p>')
+
+def _has_controls(state: dict, model_id: str) -> bool:
+    "Whether widget `model_id` contains a control (slider, button, ...) whose effect needs a kernel."
+    return any(state[m].get('model_name', '').endswith(_CONTROLS) for m in _reachable(state, [model_id]))
+
+def _picture(out: dict) -> dict:
+    "Output `out` without its widget: the PNG (and text) the explorer's mime bundle carries for static renderers."
+    return {**out, 'data': {k: v for k, v in out['data'].items() if k in ('image/png', 'text/plain')}}
+
 def page_notebook(nb: dict, source_link: str | None = None) -> dict:
     "Make nbdev-processed notebook `nb` a docs page: hide tests and transient bars, fix Quarto syntax, trim widget state."
     state = nb.get('metadata', {}).get('widgets', {}).get(_WIDGET_STATE, {}).get('state', {})
@@ -189,6 +203,9 @@ def page_notebook(nb: dict, source_link: str | None = None) -> dict:
         for out in cell.get('outputs', []):
             view = out.get('data', {}).get(_WIDGET_VIEW)
             if view and _transient_bar(state, view.get('model_id')): continue
+            if view and 'image/png' in out['data'] and _has_controls(state, view.get('model_id')):
+                outputs += [_picture(out), {'output_type': 'display_data', 'metadata': {}, 'data': {'text/html': WIDGET_PICTURE_NOTE}}]
+                continue
             if view: shown.append(view.get('model_id'))
             if 'text/markdown' in out.get('data', {}):
                 md = ''.join(out['data']['text/markdown'])
@@ -204,11 +221,22 @@ def page_notebook(nb: dict, source_link: str | None = None) -> dict:
     return nb
 
 # %% ../nbs/12_docs.ipynb #5f20c0d0
+def _code_only(text: str) -> str:
+    "Python source `text` without its comments and docstrings (what running it depends on), as an AST dump."
+    try: tree = ast.parse(text)
+    except SyntaxError: return text
+    for node in ast.walk(tree):
+        body = getattr(node, 'body', None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+           and isinstance(body[0].value.value, str): node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
 def _package_hash(root: Path) -> str:
+    "Hash of the package's code: comments and docstrings left out (show_doc output is redone by nbdev's processor)."
     import hashlib
     h = hashlib.sha256()
     for p in sorted((root / 'phaselearn').rglob('*.py')):
-        if p.name not in ('docs.py', '_modidx.py'): h.update(p.read_bytes())   # the docs build itself runs nothing
+        if p.name not in ('docs.py', '_modidx.py'): h.update(_code_only(p.read_text()).encode())   # the docs build itself runs nothing
     return h.hexdigest()
 
 def _notebook_key(path: Path, package_hash: str) -> str:
@@ -235,14 +263,20 @@ def execute_notebook(src: Path, dst: Path, key: str = '', timeout: int = 900) ->
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
     nb = nbformat.read(src, as_version=4)
-    client = NotebookClient(nb, timeout=timeout, kernel_name='python3', store_widget_state=True,
+    import tempfile
+    from traitlets.config import Config
+    sockets = tempfile.mkdtemp(prefix='phaselearn-kernel-')   # local sockets, no "running over TCP without encryption";
+    ipc = Config({'KernelManager': {'transport': 'ipc', 'ip': f"{sockets}/ipc"}})   # one folder per kernel (the default is cwd)
+    client = NotebookClient(nb, timeout=timeout, kernel_name='python3', store_widget_state=True, config=ipc, startup_timeout=600,
                             resources={'metadata': {'path': str(Path(src).parent)}})
     def poll_in_slices(**kwargs):
         for channel in (client.kc.shell_channel, client.kc.iopub_channel): channel.get_msg = _sliced(channel.get_msg)
     client.on_notebook_start = poll_in_slices
     inline = {**os.environ, 'MPLBACKEND': 'module://matplotlib_inline.backend_inline'}  # plots inline, even where MPLBACKEND=Agg (CI)
+    import shutil
     try: client.execute(env=inline)
     except CellExecutionError as e: raise RuntimeError(f"{Path(src).name} failed while building the docs:\n{e}") from None
+    finally: shutil.rmtree(sockets, ignore_errors=True)
     nb.metadata['phaselearn_docs_key'] = key
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, dst)
@@ -267,18 +301,48 @@ def _execute_all(root: Path, paths: list, exec_dir: Path, n_workers: int, force:
     return out
 
 # %% ../nbs/12_docs.ipynb #0824cfd3
+_TITLE_LINE = re.compile(r'^(#\s+\S.*|>\s+\S.*|-\s+\S.*:.*\S)\s*$')
+
+def split_title(nb) -> None:
+    "Split the notebook's title cell (`# Title`, `> summary`) from the prose that follows it in the same cell."
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == 'raw' and ''.join(cell.source).lstrip().startswith('---'): return   # YAML frontmatter
+        if cell.cell_type != 'markdown' or not re.search(r'^#\s+\S', cell.source, re.M): continue
+        lines = cell.source.splitlines()
+        head = 0
+        while head < len(lines) and (not lines[head].strip() or _TITLE_LINE.match(lines[head])): head += 1
+        body = '\n'.join(lines[head:]).strip('\n')
+        if body:
+            from execnb.nbio import mk_cell
+            cell.source = '\n'.join(lines[:head]).strip('\n')
+            new = mk_cell(body, 'markdown'); new.directives_ = {}
+            nb.cells.insert(i + 1, new)
+        return
+
+def _docs_filter():
+    "nbdev's `FilterDefaults` processors after `split_title` (nbdev's frontmatter step drops the whole title cell, prose included)."
+    from nbdev.processors import FilterDefaults
+    class DocsFilter(FilterDefaults):
+        def base_procs(self): return [_SplitTitle] + super().base_procs()
+    return DocsFilter()   # made in the worker process: a function pickles, a local class would not
+
+class _SplitTitle:
+    def __init__(self, nb): self.nb = nb
+    def begin(self): split_title(self.nb)
+    def __call__(self, cell): pass
+
 def _process_all(root: Path, executed: list, proc_dir: Path, n_workers: int, reuse: bool = True) -> list:
     import os
     import nbdev.serve_drv
     from nbdev.doclinks import _build_modidx
-    from nbdev.processors import FilterDefaults
     from fastcore.parallel import parallel
     here = os.getcwd(); os.chdir(root)
     try:
         _build_modidx()
         proc_dir.mkdir(parents=True, exist_ok=True)
-        fresh = lambda p: reuse and (proc_dir / p.name).exists() and (proc_dir / p.name).stat().st_mtime >= p.stat().st_mtime
-        jobs = [(p, proc_dir / p.name, FilterDefaults) for p in executed if not fresh(p)]
+        newest_code = max(q.stat().st_mtime for q in (root / 'phaselearn').rglob('*.py'))   # docstrings: show_doc changes
+        fresh = lambda p: reuse and (proc_dir / p.name).exists() and (proc_dir / p.name).stat().st_mtime >= max(p.stat().st_mtime, newest_code)
+        jobs = [(p, proc_dir / p.name, _docs_filter) for p in executed if not fresh(p)]
         if jobs: parallel(nbdev.serve_drv.main, jobs, n_workers=n_workers, pause=0.01, method='spawn')
     finally: os.chdir(here)
     return [proc_dir / p.name for p in executed]
@@ -340,21 +404,138 @@ def on_post_page(output: str, page=None, config=None, **kwargs) -> str:
     hosts = '|'.join(re.escape(h) for h in CDN_HOSTS)
     return re.sub(_CDN_URL.format(hosts), lambda m: _vendor_url(m.group(0), base), output)
 
+def on_page_content(html: str,  # the page's HTML, as mkdocs-jupyter rendered it
+                    page=None,  # given by mkdocs, unused
+                    config=None,  # given by mkdocs, unused
+                    files=None  # given by mkdocs, unused
+                   ) -> str:
+    "mkdocs hook, before search indexes the page: keep each code cell's copy-button confirmation and its hidden second copy of the code out of search."
+    html = re.sub(r'<span class="notice" hidden(?:="")?>', '<span class="notice" hidden data-search-exclude>', html)   # as written, or as
+    return re.sub(r'<(div|pre) class="clipboard-copy-txt"', r'<\1 class="clipboard-copy-txt" data-search-exclude', html)  # BeautifulSoup rewrites it
+
 def cdn_references(site: Path) -> list:
     "Every `(page, url)` of the built `site` that points at a CDN host: the build fails unless this is empty."
     pattern = re.compile(r'(?:https?:)?//(?:{})[^\s"\'<>]*'.format('|'.join(re.escape(h) for h in CDN_HOSTS)))
     return [(str(p.relative_to(site)), m.group(0)) for p in sorted(Path(site).rglob('*.html'))
             for m in pattern.finditer(p.read_text(errors='replace'))]
 
-# %% ../nbs/12_docs.ipynb #44d20265
-WIDGETS_NOTE = ('<div class="admonition note"><p class="admonition-title">Widgets on this page</p><p>The sliders below are '
-                'the widgets as they were at the end of the notebook\'s run (later cells may have moved them): they move, but their '
-                'plots are drawn by Python, and a static page '
-                'has no kernel, so the plots cannot redraw. Download the notebook (link above) and run it in Jupyter to '
-                'explore the schedules live.</p></div>')
+# %% ../nbs/12_docs.ipynb #e318be6e
+def _default_text(value) -> str:
+    from phaselearn.core import public_name
+    if isinstance(value, (tuple, list)) and value and all(callable(v) for v in value):
+        text = ', '.join(_default_text(v) for v in value)
+        return f"({text},)" if isinstance(value, tuple) and len(value) == 1 else f"({text})" if isinstance(value, tuple) else f"[{text}]"
+    if _is_named(value): return public_name(value)
+    return repr(value)
 
+def _is_named(value) -> bool:
+    import inspect
+    return inspect.isclass(value) or inspect.isroutine(value)
+
+def _param_text(p) -> str:
+    import inspect
+    text = {p.VAR_POSITIONAL: '*', p.VAR_KEYWORD: '**'}.get(p.kind, '') + p.name
+    if p.annotation is not p.empty:
+        text += ': ' + (p.annotation if isinstance(p.annotation, str) else inspect.formatannotation(p.annotation))
+    if p.default is not p.empty: text += (' = ' if p.annotation is not p.empty else '=') + _default_text(p.default)
+    return text
+
+def _wrap_signature(head: str, parts: list, tail: str, width: int = 100) -> str:
+    line = head + '(' + ', '.join(parts) + ')' + tail
+    if len(line) <= width: return line
+    lines, cur, indent = [], head + '(', ' ' * (len(head) + 1)
+    for i, part in enumerate(parts):
+        piece = part + (', ' if i < len(parts) - 1 else ')' + tail)
+        if len(cur) + len(piece.rstrip()) > width and cur.strip() not in ('', head + '('):
+            lines.append(cur.rstrip()); cur = indent
+        cur += piece
+    return '\n'.join(lines + [cur.rstrip()])
+
+def _signature_params(sym):
+    import inspect
+    try: sig = inspect.signature(sym)
+    except (TypeError, ValueError): return None, None
+    params = [p for p in sig.parameters.values() if p.name not in ('self', 'cls')]
+    return params, sig.return_annotation
+
+def _escape_cell(text: str) -> str: return str(text).replace('|', '\\|').replace('\n', ' ')
+
+class DocRenderer:
+    "nbdev `show_doc` renderer: `class`/`def` signature as written, the docstring's summary, and a table of documented parameters."
+    def __init__(self, sym, name: str | None = None, title_level: int = 3, maxline: int = 64):
+        import inspect
+        sym = getattr(sym, 'fget', None) or sym
+        self.sym, self.title_level, self.maxline = sym, title_level, maxline
+        self.nm = name or getattr(sym, '__qualname__', None) or getattr(sym, '__name__', repr(sym))
+        self.is_class = inspect.isclass(sym)
+        self.params, self.returns = _signature_params(sym)
+        self.bases = None
+        if self.is_class and issubclass(sym, BaseException) and all(c.__module__ == 'builtins' for c in sym.__mro__ if '__init__' in vars(c)):
+            self.params, self.bases = [], ', '.join(b.__name__ for b in sym.__bases__)   # an exception: its bases, no parameters
+        self.dm = {}
+        if self.params is not None:
+            from fastcore.docments import docments
+            try: self.dm = docments(inspect.unwrap(sym), full=True, args_kwargs=True)   # unwrap: a contextmanager's own source
+            except Exception: self.dm = {}
+
+    @property
+    def signature(self) -> str:
+        "The signature as the code writes it: `class Name(...)` or `def name(...)`."
+        import inspect
+        short = getattr(self.sym, '__name__', self.nm)
+        if self.params is None: return f"{type(self.sym).__name__} {short}"
+        if self.bases is not None: return f"class {short}({self.bases})"
+        head = ('class ' if self.is_class else 'async def ' if inspect.iscoroutinefunction(self.sym) else 'def ') + short
+        ret = self.returns
+        tail = '' if self.is_class or ret is inspect.Signature.empty else ' -> ' + (ret if isinstance(ret, str) else inspect.formatannotation(ret))
+        return _wrap_signature(head, [_param_text(p) for p in self.params], tail, self.maxline)
+
+    @property
+    def summary(self) -> str:
+        "The docstring without the `Parameters:` section (`document_params`), which the table shows."
+        import inspect
+        from phaselearn.core import PARAMS_HEADER
+        doc = inspect.getdoc(self.sym) if self.is_class or callable(self.sym) else None
+        if self.is_class and doc == inspect.getdoc(object): doc = None
+        return (doc or '').split(PARAMS_HEADER.strip('\n'))[0].strip()
+
+    def rows(self) -> list:
+        "`(name, type, default, details)` for each parameter, in signature order."
+        out = []
+        for p in self.params or []:
+            d = self.dm.get(p.name, {})
+            anno = '' if p.annotation is p.empty else (p.annotation if isinstance(p.annotation, str) else __import__('inspect').formatannotation(p.annotation))
+            default = '' if p.default is p.empty else _default_text(p.default)
+            out.append(({p.VAR_POSITIONAL: '*', p.VAR_KEYWORD: '**'}.get(p.kind, '') + p.name, anno, default, d.get('docment') or ''))
+        return out
+
+    def table(self) -> str:
+        "The parameter table, in Markdown ('' without parameters)."
+        rows = self.rows()
+        if not rows: return ''
+        code = lambda s: f"`{s}`" if s else ''
+        lines = ['| Parameter | Type | Default | Details |', '|---|---|---|---|']
+        lines += [f"| {code(n)} | {code(_escape_cell(a))} | {code(_escape_cell(d))} | {_escape_cell(t)} |" for n, a, d, t in rows]
+        return '\n'.join(lines)
+
+    def _repr_markdown_(self):
+        doc = '---\n\n'
+        try:
+            from nbdev.doclinks import NbdevLookup
+            src = NbdevLookup().code(f"{self.sym.__module__}.{self.sym.__qualname__}")
+        except Exception: src = None
+        if src: doc += f'[source]({src}){{target="_blank" style="float:right; font-size:smaller"}}\n\n'
+        doc += f"{'#' * self.title_level} {self.nm}\n\n```python\n{self.signature}\n```\n"
+        if self.summary: doc += f"\n{self.summary}\n"
+        if table := self.table(): doc += f"\n{table}\n"
+        return doc
+
+    def __repr__(self): return self.signature + (f"\n{self.summary}" if self.summary else '')
+
+# %% ../nbs/12_docs.ipynb #44d20265
 def _page_name(path: Path) -> str:
-    return re.sub(r'^\d+_', '', path.stem)
+    "The page's name as nbdev's doc links name it: the stem without its number (`19a_compile` -> `compile`)."
+    return re.sub(r'^\d+[a-zA-Z0-9]*_', '', path.stem.lower())
 
 def _title(nb: dict, default: str) -> str:
     for cell in nb['cells']:
@@ -362,6 +543,12 @@ def _title(nb: dict, default: str) -> str:
             m = re.match(r'#\s+(.+)', ''.join(cell['source']))
             if m: return m.group(1).strip()
     return default
+
+_HOOKS = """\"mkdocs hooks of the phaselearn docs build.\"
+from mkdocs.plugins import event_priority
+from phaselearn.docs import on_page_content, on_post_page
+on_page_content = event_priority(100)(on_page_content)   # before the search plugin indexes the page (it runs at priority 0)
+"""
 
 _SITE_CSS = """.jupyter-wrapper .show-doc-source { float: right; font-size: smaller; }
 .jupyter-wrapper .jp-RenderedMarkdown hr { margin: 1.5em 0 0.5em; }
@@ -400,20 +587,18 @@ def build_site(root: Path | None = None, execute: bool = True, n_workers: int = 
     times['nbdev processing'], t = time.time() - t, time.time()
     md, doc_url = docs / 'md', _setting(root, 'doc_host').rstrip('/') + '/' + _setting(root, 'doc_baseurl').strip('/') + '/'
     shutil.rmtree(md, ignore_errors=True); (md / 'src').mkdir(parents=True)
-    nav = []
+    nav, pages = [], []
     for src, proc in zip(paths, processed):
         shutil.copy(src, md / 'src' / src.name)
         link = f"<small>Source: [nbs/{src.name}](src/{src.name}) (download it and run it in Jupyter)</small>"
         nb = page_notebook(json.loads(proc.read_text()), source_link=link)
-        if 'widgets' in nb['metadata']:
-            i = next(i for i, c in enumerate(nb['cells']) if c.get('id') == 'srclink0') + 1
-            nb['cells'].insert(i, {'cell_type': 'markdown', 'id': 'widgnote', 'metadata': {}, 'source': WIDGETS_NOTE})
         text = json.dumps(nb).replace(doc_url, '')   # nbdev's links to the published site: relative, to this one
         (md / f"{_page_name(src)}.ipynb").write_text(text)
         nav.append({_title(nb, _page_name(src)): f"{_page_name(src)}.ipynb"})
+        pages.append((_page_name(src), _title(nb, _page_name(src)), json.loads(text)))
     vendor_assets(md / 'assets' / 'vendor', docs / 'npm')
     (md / 'assets' / 'phaselearn.css').write_text(_SITE_CSS)
-    (docs / 'hooks.py').write_text('"mkdocs hooks of the phaselearn docs build."\nfrom phaselearn.docs import on_post_page\n')
+    (docs / 'hooks.py').write_text(_HOOKS)
     (docs / 'mkdocs.yml').write_text(_mkdocs_yml(root, nav))
     times['pages'], t = time.time() - t, time.time()
     site = docs / 'site'
@@ -421,11 +606,23 @@ def build_site(root: Path | None = None, execute: bool = True, n_workers: int = 
     import os
     subprocess.run([sys.executable, '-m', 'mkdocs', 'build', '--quiet', '--clean', '-f', str(docs / 'mkdocs.yml')],
                    check=True, cwd=docs, env={**os.environ, 'NO_MKDOCS_2_WARNING': '1'})
+    write_llms_txt(site, pages, 'phaselearn', _setting(root, 'description'))
     times['mkdocs'] = time.time() - t
     if bad := cdn_references(site):
         raise RuntimeError("pages still load from a CDN: " + '; '.join(f"{p}: {u}" for p, u in bad[:5]))
     print("built " + ', '.join(f"{k} {v:.1f}s" for k, v in times.items()) + f"; total {sum(times.values()):.1f}s")
     return site
+
+# %% ../nbs/12_docs.ipynb #ca6402e2
+def write_llms_txt(site: Path, pages: list, title: str, summary: str) -> Path:
+    "Write `site/llms.txt` and a Markdown copy of each page: `pages` is a list of `(name, page title, page notebook dict)`."
+    site = Path(site)
+    lines = [f"# {title}", '', f"> {summary}", '', "Each page is a notebook of the project rendered as Markdown: prose, code and outputs.", '', '## Docs', '']
+    for name, page_title, nb in pages:
+        (site / f"{name}.md").write_text(notebook_markdown(nb))
+        lines.append(f"- [{page_title}]({name}.md)")
+    (site / 'llms.txt').write_text('\n'.join(lines) + '\n')
+    return site / 'llms.txt'
 
 # %% ../nbs/12_docs.ipynb #79b6b6e2
 QUARTO_MISSING = ("Quarto is not installed, so nbdev_docs cannot render the site here: run `phaselearn_docs` "

@@ -19,13 +19,14 @@ from .recorder import *
 from .optimizer import *
 
 # %% auto #0
-__all__ = ['FORMAT_VERSION', 'unwrap_model', 'LoadError', 'Learner', 'GatherPreds', 'in_dataset_order', 'TrainingProgress',
+__all__ = ['FORMAT_VERSION', 'unwrap_model', 'Learner', 'GatherPreds', 'in_dataset_order', 'TrainingProgress', 'LoadError',
            'state_checksum', 'checksum_matches', 'check_opt_state']
 
 # %% ../nbs/07_learner.ipynb #a60a1c15
 _null_context = contextlib.nullcontext()
 
-def unwrap_model(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module  # a model, possibly wrapped by `torch.compile` or `DistributedDataParallel`
+                ) -> nn.Module:
     "The module whose state_dict is saved: without a torch.compile or DDP wrapper."
     while True:
         if hasattr(model, '_orig_mod'): model = model._orig_mod
@@ -35,8 +36,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def _shapes(items) -> str:
     return ', '.join(str(tuple(o.shape)) if hasattr(o, 'shape') else type(o).__name__ for o in items)
 
-class LoadError(ValueError):
-    "A saved file that cannot be loaded: missing pieces, foreign or truncated."
 FORMAT_VERSION = 1
 
 # %% ../nbs/07_learner.ipynb #d6dbfff7
@@ -65,12 +64,31 @@ def _check_learner_args(dls, opt_func, lr, wd):
 
 
 # %% ../nbs/07_learner.ipynb #0985fa50
+@document_params
 class Learner:
-    "Trains `model` on `dls` with `loss_func` and an optimizer from `opt_func`; see the chapter for every argument."
-    def __init__(self, dls, model: nn.Module, loss_func=None, opt_func=torch.optim.Adam, lr=None,
-                 metrics=None, splitter=None, cbs=None, n_inp: int = 1, wd: float = 0.01, true_wd: bool = True,
-                 bn_wd: bool = False, bias_wd: bool = False, train_bn: bool = True, path='.', model_dir='models',
-                 device=None, default_cbs: bool = True, no_decay=None, label_key: str = 'labels'):
+    "Trains `model` on `dls` with `loss_func` and an optimizer from `opt_func`: the training loop, with callbacks at every step."
+    def __init__(self,
+                 dls,  # the data: a `DataLoaders` (a training loader and an optional validation loader)
+                 model: nn.Module,  # the model to train; moved to `device`
+                 loss_func=None,  # `loss_func(pred, *targets)` gives a scalar loss tensor; None: the model's own loss (`output.loss`, as Hugging Face models compute it when given `labels`)
+                 opt_func=torch.optim.Adam,  # optimizer class (any `torch.optim` class) or callable `(params, **hypers)`; wrapped in an `OptimWrapper`
+                 lr=None,  # default learning rate, a number or a `slice(low, high)` spread over the layer groups (None: the partial's, else 1e-3)
+                 metrics=None,  # functions `(pred, target)` or `Metric`s, computed on the validation set and shown in the epoch table
+                 splitter=None,  # `splitter(model)` gives the layer groups (lists of parameters) for discriminative rates and freezing; None: one group
+                 cbs=None,  # callbacks kept for every fit, besides the default ones
+                 n_inp: int = 1,  # how many items of a batch are inputs to the model (the rest are targets)
+                 wd: float = 0.01,  # weight decay
+                 true_wd: bool = True,  # decoupled (AdamW-style) weight decay when True, classic L2 added to the gradients when False
+                 bn_wd: bool = False,  # apply weight decay to normalisation layers too
+                 bias_wd: bool = False,  # apply weight decay to biases too
+                 train_bn: bool = True,  # normalisation layers keep training in frozen layer groups
+                 path='.',  # folder for what the learner writes (`model_dir`, logs)
+                 model_dir='models',  # subfolder of `path` where `save` and `load` keep model files
+                 device=None,  # where the model and batches go (None: CUDA when available, else the CPU)
+                 default_cbs: bool = True,  # add the `Recorder` and `ProgressCallback` (False: only what `cbs` gives, plus the train/eval switch)
+                 no_decay=None,  # `no_decay(name, param) -> bool` replaces the default weight-decay exemptions (ndim <= 1, norm layers, the model's `no_weight_decay()` names)
+                 label_key: str = 'labels'  # in a dict batch (called as `model(**batch)`), the key of the targets
+                ):
         if not isinstance(model, nn.Module): raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(n_inp, int) or n_inp < 1: raise ValueError(f"n_inp must be a positive integer, got {n_inp!r}")
         lr = _check_learner_args(dls, opt_func, lr, wd)
@@ -102,7 +120,8 @@ class Learner:
 
 # %% ../nbs/07_learner.ipynb #369902bf
 @patch
-def add_cb(self: Learner, cb):
+def add_cb(self: Learner,
+           cb):  # a `Callback` instance, or a `Callback` class (made with no arguments)
     "Attach `cb` (a Callback, or a Callback class to instantiate)."
     if isinstance(cb, type): cb = cb()
     if not isinstance(cb, Callback): raise TypeError(f"callbacks must be Callback instances or classes, got {cb!r}")
@@ -113,13 +132,15 @@ def add_cb(self: Learner, cb):
     return self
 
 @patch
-def add_cbs(self: Learner, cbs):
+def add_cbs(self: Learner,
+            cbs):  # callbacks to attach: instances, or classes to make
     "Attach every callback in `cbs` (classes are instantiated); returns the learner."
     for cb in cbs: self.add_cb(cb)
     return self
 
 @patch
-def remove_cb(self: Learner, cb):
+def remove_cb(self: Learner,
+              cb):  # an attached callback, or a class: every attached callback of that class
     "Detach `cb` (an instance, or every callback of a class)."
     if isinstance(cb, type): self.remove_cbs([o for o in self.cbs if isinstance(o, cb)]); return self
     if any(cb is o for o in self.cbs):
@@ -130,14 +151,16 @@ def remove_cb(self: Learner, cb):
     return self
 
 @patch
-def remove_cbs(self: Learner, cbs):
+def remove_cbs(self: Learner,
+               cbs):  # callbacks to detach (instances, or classes)
     "Detach every callback in `cbs`; returns the learner."
     for cb in list(cbs): self.remove_cb(cb)
     return self
 
 @patch
 @contextlib.contextmanager
-def added_cbs(self: Learner, cbs):
+def added_cbs(self: Learner,
+              cbs):  # callbacks (instances, or classes to make) attached for the `with` block only
     "Attach `cbs` for the duration of a `with` block, and detach them whatever happens."
     cbs = [cb() if isinstance(cb, type) else cb for cb in (cbs or [])]
     self.add_cbs(cbs)
@@ -298,7 +321,15 @@ def _check_ready(self: Learner, dl=None):
     if len(dl) == 0: raise ValueError("the training DataLoader is empty (0 batches): check the dataset size and bs")
 
 @patch
-def fit(self: Learner, n_epoch: int, lr=None, wd=None, cbs=None, reset_opt: bool = False, resume=None):
+@document_params
+def fit(self: Learner,
+        n_epoch: int,  # number of epochs to train (a positive integer)
+        lr=None,  # constant learning rate, a number or a `slice` over the layer groups (None: the learner's `lr`)
+        wd=None,  # weight decay for this fit (None: the learner's `wd`)
+        cbs=None,  # callbacks for this fit only (added at its start, removed at its end)
+        reset_opt: bool = False,  # make a new optimizer first (its state, such as Adam's moments, starts from zero)
+        resume=None  # name or path of a checkpoint (`CheckpointCallback`) to continue this same fit from; None: start afresh
+       ):
     "Train `n_epoch` whole epochs at a constant `lr` (default: `self.lr`); `wd` when given. No other hyperparameter changes."
     if isinstance(n_epoch, bool) or not isinstance(n_epoch, int) or n_epoch < 1:
         raise ValueError(f"n_epoch must be a positive integer number of epochs, got {n_epoch!r}")
@@ -318,7 +349,10 @@ def _run(self: Learner, epoch_lengths: list, cbs=None, resume=None):
     with self.added_cbs(list(cbs or []) + [resumer]): self._fit(epoch_lengths, resumer.start_epoch, resumer.start_iter)
 
 @patch
-def validate(self: Learner, dl=None, cbs=None) -> list:
+def validate(self: Learner,
+             dl=None,  # loader to validate on (None: `dls.valid`)
+             cbs=None  # callbacks added for this pass only
+            ) -> list:
     "Loss and metrics over `dl` (default: `dls.valid`): `[valid_loss, *metric values]`."
     dl = self.dls.valid if dl is None else dl
     if dl is None: raise ValueError("nothing to validate on: dls.valid is None and no dl was given")
@@ -328,7 +362,9 @@ def validate(self: Learner, dl=None, cbs=None) -> list:
     return self.recorder.last_valid
 
 @patch
-def get_preds(self: Learner, dl=None, with_loss: bool = False):
+def get_preds(self: Learner,
+              dl=None,  # loader to predict on (None: `dls.valid`)
+              with_loss: bool = False):  # also return each sample's loss (the loss function's `reduction='none'`)
     "Predictions and targets over `dl` (default: `dls.valid`) in dataset order, every sample; with `with_loss`, per-sample losses too."
     gather = GatherPreds(with_loss)
     dl = self.dls.valid if dl is None else dl
@@ -359,11 +395,14 @@ def _gather(batches: list):
     if isinstance(first, tuple): return tuple(_gather([b[i] for b in batches]) for i in range(len(first)))
     return None
 
+@document_params
 class GatherPreds(Callback):
     """Collects predictions and targets (and per-sample losses) of a validation pass. Predictions are `output_preds` of
     the model's output (its `logits` when it has them); a dict or tuple output is gathered field by field."""
     order = 70
-    def __init__(self, with_loss: bool = False): self.with_loss, self.preds, self.targets, self.losses = with_loss, [], [], []
+    def __init__(self,
+                 with_loss: bool = False  # also keep each sample's loss
+                ): self.with_loss, self.preds, self.targets, self.losses = with_loss, [], [], []
     def after_batch(self):
         "Keep the batch's predictions, targets (and per-sample losses); a cancelled batch adds nothing."
         if self.learn.batch_cancelled: return  # a cancelled batch has no predictions
@@ -413,7 +452,8 @@ def in_dataset_order(dl):
 
 # %% ../nbs/07_learner.ipynb #14f44cfa
 @patch
-def to(self: Learner, device):
+def to(self: Learner,
+       device):  # a `torch.device` or its name (`'cpu'`, `'cuda:0'`)
     "Move the model, the optimizer state and future batches to `device`."
     self.device = torch.device(device)
     self.model.to(self.device)
@@ -424,7 +464,8 @@ def to(self: Learner, device):
     return self
 
 @patch
-def freeze_to(self: Learner, n: int):
+def freeze_to(self: Learner,
+              n: int):  # first layer group that keeps training (negative: counted from the end)
     "Freeze the layer groups before `n` (negative counts from the end)."
     if self.opt is None: self.create_opt()
     self.opt.freeze_to(n)
@@ -449,7 +490,9 @@ class TrainingProgress:
       the fit; `pct_train = train_iter / total_iter`; `samples`: training samples done in the fit (by this process: under DDP, this rank's share)."""
     __slots__ = ('phase', 'phase_iter', 'phase_len', 'phase_pct', 'epoch', 'iter', 'train_iter', 'pct_train', 'samples', '_learn')
     fields = __slots__[:-1]
-    def __init__(self, learn, **values):
+    def __init__(self,
+                 learn,  # the learner whose training this describes
+                 **values):  # a value for each name of `fields`
         object.__setattr__(self, '_learn', learn)
         for name in self.fields: object.__setattr__(self, name, values[name])
 
@@ -480,6 +523,9 @@ def progress(self: Learner) -> TrainingProgress:
                             samples=state.get('train_samples', 0))
 
 # %% ../nbs/07_learner.ipynb #7eaa119b
+class LoadError(ValueError):
+    "A saved file that cannot be loaded: missing pieces, foreign or truncated."
+
 _digests = {'xxh3_128': xxhash.xxh3_128, 'sha256': hashlib.sha256}
 
 def state_checksum(state: dict, algorithm: str = 'xxh3_128') -> str:
@@ -588,7 +634,10 @@ def _file(self: Learner, name) -> Path:
     return self.path / self.model_dir / f"{name}.pt"
 
 @patch
-def save(self: Learner, name, with_opt: bool = False) -> Path:
+def save(self: Learner,
+         name,  # file name under `path/model_dir` (`.pt` added), or a path
+         with_opt: bool = False  # also save the optimizer state (to resume training, not only to predict)
+        ) -> Path:
     "Save the model's weights (and the optimizer state with `with_opt`) to `path/model_dir/name.pt`, atomically."
     state = {'format_version': FORMAT_VERSION, 'model': unwrap_model(self.model).state_dict()}
     if with_opt:
@@ -598,7 +647,10 @@ def save(self: Learner, name, with_opt: bool = False) -> Path:
     return atomic_save(state, self._file(name))
 
 @patch
-def load(self: Learner, name, strict: bool = True, with_opt=None):
+def load(self: Learner,
+         name,  # file name under `path/model_dir` (`.pt` added), or a path
+         strict: bool = True,  # every key of the model's state must match the file's (as in `load_state_dict`)
+         with_opt=None):  # None: load the optimizer state when the file has one; True: the file must have one; False: weights only
     """Load weights (and optimizer state when present, or `with_opt=True`) saved by `save`, or a plain
     `torch.save(model.state_dict())`. All or nothing: the weights and the optimizer state are both checked first."""
     file = self._file(name)

@@ -82,10 +82,15 @@ def _suggestion_names(funcs) -> tuple:
     return tuple(names)
 
 # %% ../nbs/09_lr_finder.ipynb #ca75f8f4
+@document_params
 class LRFinder(Callback):
     "Records the lr (last layer group) and smoothed loss of each training batch; stops when the loss diverges (`stop_div`); cancels validation."
     order = -40  # after PhaseScheduler (-50) has set the batch's lr; before the recorder and the progress display
-    def __init__(self, stop_div: bool = True, beta: float = 0.98, div_factor: float = 4.):
+    def __init__(self,
+                 stop_div: bool = True,  # stop the sweep when the loss diverges
+                 beta: float = 0.98,  # smoothing of the recorded loss (debiased moving average)
+                 div_factor: float = 4.  # diverged: the smoothed loss above `div_factor` times its minimum
+                ):
         if not 0 <= beta < 1: raise ValueError(f"beta must be in [0, 1), got {beta!r}")
         if not div_factor > 1: raise ValueError(f"div_factor must be > 1, got {div_factor!r}")
         self.stop_div, self.beta, self.div_factor = stop_div, beta, div_factor
@@ -144,7 +149,8 @@ def _loader_parts(dl) -> list:
 # %% ../nbs/09_lr_finder.ipynb #4f7530a4
 class LearnerSnapshot:
     "An in-memory copy of everything training changes in `learn` (see above); `restore()` puts it back."
-    def __init__(self, learn):
+    def __init__(self,
+                 learn):  # the learner to copy
         self.learn = learn
         model = learn.model
         self.model_state = copy.deepcopy(model.state_dict())
@@ -252,7 +258,13 @@ class _TableOff:
 # %% ../nbs/09_lr_finder.ipynb #c78b7d3d
 class LRFindResult:
     "The curve of a sweep (`lrs` of the last layer group, smoothed `losses`), its `suggestions`, and how it ended."
-    def __init__(self, lrs, losses, num_it: int, diverged: bool, suggest_funcs, ratios=None):
+    def __init__(self,
+                 lrs,  # learning rate of the last layer group at each iteration
+                 losses,  # smoothed training loss at each iteration
+                 num_it: int,  # iterations the sweep was given
+                 diverged: bool,  # whether the sweep stopped early on a diverging loss
+                 suggest_funcs,  # functions `(lrs, losses) -> lr` giving the suggestions (`valley`, `steep`, ...)
+                 ratios=None):  # each layer group's rate relative to the last group's (None: one group)
         self.lrs, self.losses = np.asarray(lrs, dtype=float), np.asarray(losses, dtype=float)
         self.num_it, self.diverged, self.fig = num_it, diverged, None
         self.ratios = np.ones(1) if ratios is None else np.asarray(ratios, dtype=float)
@@ -293,8 +305,16 @@ class LRFindResult:
 
 # %% ../nbs/09_lr_finder.ipynb #4ff6801a
 @patch
-def lr_find(self: Learner, start_lr=1e-7, end_lr=10, num_it: int = 100, stop_div: bool = True,
-            suggest_funcs=(minimum, steep, valley), show_plot: bool = True, cbs=None):
+@document_params
+def lr_find(self: Learner,
+            start_lr=1e-7,  # first learning rate of the sweep
+            end_lr=10,  # last learning rate of the sweep
+            num_it: int = 100,  # number of training batches the sweep takes (at most)
+            stop_div: bool = True,  # stop when the loss diverges
+            suggest_funcs=(minimum, steep, valley),  # functions that pick a learning rate from the curve (`minimum`, `steep`, `valley`, `slide`)
+            show_plot: bool = True,  # plot the curve with the suggestions
+            cbs=None  # callbacks for the sweep only
+           ):
     "Sweep the lr from `start_lr` to `end_lr` over `num_it` batches, restore the learner, return `SuggestedLRs`."
     _check_sweep(start_lr, end_lr, num_it)
     suggest_funcs = (suggest_funcs,) if callable(suggest_funcs) else tuple(suggest_funcs)
@@ -321,7 +341,8 @@ def lr_find(self: Learner, start_lr=1e-7, end_lr=10, num_it: int = 100, stop_div
     return result.suggestions
 
 @patch
-def plot_lr_find(self: Learner, ax=None):
+def plot_lr_find(self: Learner,
+                 ax=None):  # matplotlib axes to draw on (None: a new figure)
     "Plot the curve of the last `lr_find` again; returns the axes."
     result = self.__dict__.get('lr_find_result')
     if result is None: raise ValueError("no lr_find result to plot: run learn.lr_find() first")

@@ -98,13 +98,20 @@ def skipped_steps(self: Recorder) -> list:
     return sorted(i for cb in self.learn.cbs if isinstance(cb, _OverflowSkips) for i in cb.skipped_steps)
 
 # %% ../nbs/10_mixed_precision.ipynb #f978ca68
+@document_params
 class MixedPrecision(_OverflowSkips):
     """Mixed-precision training: autocast to `dtype` (`torch.float16` or `torch.bfloat16`) around forward and loss;
     for float16, dynamic loss scaling by a `torch.amp.GradScaler` (`init_scale`, `growth_factor`, `backoff_factor`,
     `growth_interval`), with steps whose gradients overflow skipped together with their weight decay (one host sync
     per step). bfloat16: no scaling, no sync. `max_skips` skips in a row stop training with a `RuntimeError`."""
-    def __init__(self, dtype=torch.float16, init_scale: float = 2.**16, growth_factor: float = 2.,
-                 backoff_factor: float = 0.5, growth_interval: int = 2000, max_skips: int | None = 50):
+    def __init__(self,
+                 dtype=torch.float16,  # `torch.float16` (with loss scaling) or `torch.bfloat16` (none needed)
+                 init_scale: float = 2.**16,  # first loss scale (float16)
+                 growth_factor: float = 2.,  # the scale is multiplied by this after `growth_interval` steps without overflow
+                 backoff_factor: float = 0.5,  # the scale is multiplied by this when gradients overflow
+                 growth_interval: int = 2000,  # clean steps before the scale grows
+                 max_skips: int | None = 50  # stop training after this many skipped (overflowing) steps in a row (None: never)
+                ):
         if dtype not in half_dtypes:
             raise ValueError(f"MixedPrecision computes in torch.float16 or torch.bfloat16, got dtype={dtype!r}")
         _check_scaling(init_scale, growth_factor, backoff_factor, growth_interval)
@@ -231,13 +238,20 @@ def _rebuild_opt(old: OptimWrapper, model: nn.Module) -> OptimWrapper:
     return new
 
 # %% ../nbs/10_mixed_precision.ipynb #e0208925
+@document_params
 class FP16Training(_OverflowSkips):
     """Classic fp16 training: the model in float16 (normalisation layers in float32), an fp32 master copy
     (`master_model`) that `learn.opt` updates, and loss scaling: `loss_scale='dynamic'` (from `init_scale`, times
     `growth_factor` after `growth_interval` clean steps, times `backoff_factor` on overflow) or a fixed number. Steps
     whose gradients hold inf/NaN are skipped (one host sync per step); `max_skips` in a row stop training."""
-    def __init__(self, loss_scale='dynamic', init_scale: float = 2.**16, growth_factor: float = 2.,
-                 backoff_factor: float = 0.5, growth_interval: int = 2000, max_skips: int | None = 50):
+    def __init__(self,
+                 loss_scale='dynamic',  # 'dynamic', or a fixed loss scale
+                 init_scale: float = 2.**16,  # first loss scale (dynamic)
+                 growth_factor: float = 2.,  # the scale is multiplied by this after `growth_interval` steps without overflow
+                 backoff_factor: float = 0.5,  # the scale is multiplied by this when gradients overflow
+                 growth_interval: int = 2000,  # clean steps before the scale grows
+                 max_skips: int | None = 50  # stop training after this many skipped (overflowing) steps in a row (None: never)
+                ):
         if isinstance(loss_scale, str):
             if loss_scale != 'dynamic':
                 raise ValueError(f"loss_scale must be 'dynamic' or a positive finite number, got {loss_scale!r}")
@@ -419,13 +433,17 @@ def load_state_dict(self: FP16Training, state: dict):
     if self._inv_scale is not None: self._inv_scale.fill_(1. / self.scale)
 
 # %% ../nbs/10_mixed_precision.ipynb #8689ebb7
+@document_params
 class GradientClip(Callback):
     """Clip the global `norm_type`-norm of the gradients of the parameters the optimizer steps to `max_norm` before
     each step: with N = ||g||, g <- g * min(1, max_norm / (N + 1e-6)). Runs after `MixedPrecision`/`FP16Training`
     have unscaled the gradients; `last_norm` is N of the last step (a tensor, not synchronised)."""
     order = 30
     run_after = (MixedPrecision, FP16Training)
-    def __init__(self, max_norm: float = 1., norm_type: float = 2.):
+    def __init__(self,
+                 max_norm: float = 1.,  # largest global norm of the gradients
+                 norm_type: float = 2.  # which norm (2: Euclidean; `inf`: largest value)
+                ):
         if not _positive_finite(max_norm): raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
         if not (isinstance(norm_type, numbers.Real) and not isinstance(norm_type, bool) and norm_type > 0):
             raise ValueError(f"norm_type must be a positive number or float('inf'), got {norm_type!r}")
@@ -441,14 +459,19 @@ class GradientClip(Callback):
 
 # %% ../nbs/10_mixed_precision.ipynb #55d59858
 @patch
-def to_fp16(self: Learner, classic: bool = False, **kwargs) -> Learner:
+def to_fp16(self: Learner,
+            classic: bool = False,  # fp16 weights with an fp32 master copy (`FP16Training`) instead of autocast
+            **kwargs  # passed on to `MixedPrecision` (or `FP16Training`)
+           ) -> Learner:
     "Train in float16: `MixedPrecision(torch.float16, **kwargs)`, or `FP16Training(**kwargs)` with `classic=True`."
     _check_float_params(unwrap_model(self.model), 'to_fp16()')
     cb = FP16Training(**kwargs) if classic else MixedPrecision(torch.float16, **kwargs)
     return self.to_fp32().add_cb(cb)
 
 @patch
-def to_bf16(self: Learner, **kwargs) -> Learner:
+def to_bf16(self: Learner,
+            **kwargs  # passed on to `MixedPrecision`
+           ) -> Learner:
     "Train in bfloat16 with autocast: `MixedPrecision(torch.bfloat16, **kwargs)`."
     _check_float_params(unwrap_model(self.model), 'to_bf16()')
     cb = MixedPrecision(torch.bfloat16, **kwargs)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 from fastcore.basics import patch
+from .core import document_params
 
 # %% auto #0
 __all__ = ['norm_types', 'unified_hyper_names', 'default_splitter', 'sequential_splitter', 'body_head_splitter',
@@ -127,6 +128,7 @@ _not_hypers = {'params', 'param_names', 'weight_decay', 'decoupled_wd', 'foreach
                'differentiable', 'decoupled_weight_decay', 'initial_lr'}
 
 # %% ../nbs/05_optimizer.ipynb #a005c94e
+@document_params
 class OptimWrapper:
     """A `torch.optim` optimizer over `model`'s layer groups, speaking unified hyperparameter names.
 
@@ -137,8 +139,18 @@ class OptimWrapper:
     before the inner step (inner weight_decay held at 0), one torch param group per layer group; `true_wd=False`:
     classic L2, the inner optimizer's weight_decay is `wd`, two torch groups per layer group (decayed, exempt). `train_bn`: normalisation layers keep
     training in frozen layer groups."""
-    def __init__(self, model: nn.Module, opt_func=torch.optim.Adam, splitter=None, lr=1e-3, wd=0., true_wd: bool = True,
-                 bn_wd: bool = False, bias_wd: bool = False, train_bn: bool = True, no_decay=None):
+    def __init__(self,
+                 model: nn.Module,  # the model whose parameters are optimized
+                 opt_func=torch.optim.Adam,  # optimizer class (any `torch.optim` class) or callable `(params, **kwargs)`
+                 splitter=None,  # `splitter(model)` gives the layer groups (lists of parameters); None: one group
+                 lr=1e-3,  # learning rate, a number or a `slice` spread over the layer groups
+                 wd=0.,  # weight decay
+                 true_wd: bool = True,  # decoupled weight decay (`p <- p * (1 - lr*wd)`) when True, classic L2 through the optimizer when False
+                 bn_wd: bool = False,  # apply weight decay to normalisation layers too
+                 bias_wd: bool = False,  # apply weight decay to biases too
+                 train_bn: bool = True,  # normalisation layers keep training in frozen layer groups
+                 no_decay=None  # `no_decay(name, param) -> bool` replaces the default exemptions (ndim <= 1, norm layers, the model's `no_weight_decay()` names)
+                ):
         self.model, self.opt_func, self.splitter, self.no_decay = model, opt_func, splitter, no_decay
         self.true_wd, self.bn_wd, self.bias_wd, self.train_bn = true_wd, bn_wd, bias_wd, train_bn
         self.layer_groups = check_layer_groups(model, (splitter or default_splitter)(model))

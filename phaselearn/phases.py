@@ -68,10 +68,22 @@ def _n_acc(cbs) -> int:
     if len(found) > 1: raise ValueError(f"more than one gradient-accumulation callback: {found!r}; keep one")
     return _check_n_acc(found[0].n_acc) if found else 1
 
+@document_params
 class TrainingPhase:
     "One phase of training: a length, optional data/bs/optimizer/loss, hyperparameters and attributes (constants or schedules)."
-    def __init__(self, epochs=None, iters=None, dls=None, bs=None, opt_func=None, loss_func=None, loss_weights=None,
-                 samples=None, attrs=None, steps=None, **hypers):
+    def __init__(self,
+                 epochs=None,  # length in epochs of the phase's data (fractions allowed); give exactly one of `epochs`, `iters`, `samples`, `steps`
+                 iters=None,  # length in training batches (iterations)
+                 dls=None,  # data for this phase (None: the learner's)
+                 bs=None,  # batch size for this phase (the loaders are rebuilt at this size)
+                 opt_func=None,  # optimizer for this phase (its state starts afresh; None: keep the current one)
+                 loss_func=None,  # loss for this phase (validation still uses the learner's own loss)
+                 loss_weights=None,  # weights (numbers or schedules) set on the loss's `weights` attribute, for a loss made of several parts
+                 samples=None,  # length in training samples really seen: the phase ends with the batch at which they reach the count
+                 attrs=None,  # `{'model.drop.p': schedule or value}`: any real-valued attribute of the model, the loss or a callback, scheduled like a hyperparameter
+                 steps=None,  # length in optimizer steps (under gradient accumulation a step is `n_acc` batches)
+                 **hypers  # hyperparameters (`lr`, `mom`, `sqr_mom`, `eps`, `wd`) as constants or schedules of the phase's progress (`SchedCos(1e-3, 1e-5)`)
+                ):
         given = {name: value for name, value in (('epochs', epochs), ('iters', iters), ('samples', samples), ('steps', steps))
                  if value is not None}
         if len(given) != 1:
@@ -112,7 +124,7 @@ class TrainingPhase:
         parts = [f"{length[0]}={length[1]!r}"]
         for name in ('bs', 'opt_func', 'loss_func', 'loss_weights'):
             value = getattr(self, name)
-            if value is not None: parts.append(f"{name}={getattr(value, '__name__', value)!r}" if name == 'opt_func' else f"{name}={value!r}")
+            if value is not None: parts.append(f"{name}={public_name(value)}" if name == 'opt_func' else f"{name}={value!r}")
         if self.dls is not None: parts.append('dls=...')
         parts += [f"{k}={v!r}" for k, v in self.hypers.items()]
         if self.attrs: parts.append(f"attrs={self.attrs!r}")
@@ -149,9 +161,12 @@ def _epoch_samples(dl) -> int | None:
         except (AttributeError, TypeError): return None
     return int(n)
 
+@document_params
 class Phases:
     "A list of `TrainingPhase`s, with previews of the hyperparameters and attributes they set."
-    def __init__(self, phases):
+    def __init__(self,
+                 phases  # a `TrainingPhase`, a list of them, or another `Phases`
+                ):
         if isinstance(phases, Phases): phases = phases.phases
         if isinstance(phases, TrainingPhase): phases = [phases]
         phases = list(phases)
@@ -262,7 +277,10 @@ class Preview(dict):
     """A preview: `name -> array (n_iter, n_groups)` for hyperparameters and `path -> array (n_iter, 1)` for attributes,
     plus the plan's `lengths` (batches per pass of each phase) and `samples` (training samples of each phase; None where
     the batch size is unknown)."""
-    def __init__(self, values: dict, lengths: list, samples: list | None = None):
+    def __init__(self,
+                 values: dict,  # `name -> array (n_iter, n_groups)` for hyperparameters, `path -> array (n_iter, 1)` for attributes
+                 lengths: list,  # the plan's batches per pass of each phase
+                 samples: list | None = None):  # training samples of each phase (None where the batch size is unknown)
         super().__init__(values)
         self.lengths, self.samples = lengths, samples if samples is not None else [None] * len(lengths)
     def plot(self, names=None, axes=None, **kwargs):
@@ -367,12 +385,17 @@ def _learner_preview(learn, phases, lengths, cbs=(), n_acc: int = 1) -> Preview:
     return phases._preview(lengths, learn.opt.n_groups, initial, attr_initial, keys, _phase_samples(learn, phases, lengths), n_acc)
 
 # %% ../nbs/08_phases.ipynb #00fab05f
+@document_params
 class PhaseScheduler(Callback):
     """Applies a list of phases: data, loss and optimizer at each phase start, scheduled hyperparameters and attributes
     before every training batch. Validation uses the learner's own loss (with its attributes as they were before the
     fit); after the fit the learner's data, loss and every scheduled attribute are back."""
     order = -50
-    def __init__(self, phases, lengths: list, n_acc: int = 1):
+    def __init__(self,
+                 phases,  # the phases to apply (a list of `TrainingPhase`s or `Phases`)
+                 lengths: list,  # training batches of each epoch of the fit (what `fit_phases` computes from the phases' lengths)
+                 n_acc: int = 1  # training batches per optimizer step (gradient accumulation): schedules move once per step
+                ):
         self.phases, self.lengths, self.n_acc = Phases(phases), lengths, _check_n_acc(n_acc)
         self.epoch_phase, self.epoch_offset = [], []  # per epoch of the fit: its phase, and steps of that phase before it
         for index, passes in enumerate(lengths):
@@ -544,7 +567,12 @@ def _phase_lengths(learn, phases: Phases, n_acc: int = 1) -> list:
     return phases.lengths(lambda bs: len(train(bs)), _loader_bs(learn.dls.train), lambda bs: _epoch_samples(train(bs)), n_acc)
 
 @patch
-def fit_phases(self: Learner, phases, cbs=None, resume=None):
+@document_params
+def fit_phases(self: Learner,
+               phases,  # the plan: a list of `TrainingPhase`s (or `Phases`)
+               cbs=None,  # callbacks for this fit only (added at its start, removed at its end)
+               resume=None  # name or path of a checkpoint (`CheckpointCallback`) to continue this same fit from; None: start afresh
+              ):
     "Train through `phases` (a list of `TrainingPhase`), checked up front, following `preview` exactly."
     phases = Phases(phases)
     self._check_ready()
@@ -557,7 +585,10 @@ def fit_phases(self: Learner, phases, cbs=None, resume=None):
     self._run([n for passes in lengths for n in passes], [scheduler] + list(cbs or []), resume)
 
 @patch
-def preview(self: Learner, phases, cbs=None) -> Preview:
+def preview(self: Learner,
+            phases,  # a `Phases`, or a list of `TrainingPhase`s
+            cbs=None  # the callbacks the fit would be given (some change how schedules move, e.g. `GradientAccumulation`)
+           ) -> Preview:
     "The exact per-iteration values (hyperparameters and attributes) `fit_phases(phases, cbs)` will use, from this learner's data, optimizer, attributes and callbacks (a `GradientAccumulation` among them or `cbs`: values per step)."
     phases = Phases(phases)
     if self.opt is None: self.create_opt()
@@ -565,6 +596,7 @@ def preview(self: Learner, phases, cbs=None) -> Preview:
     return _learner_preview(self, phases, _phase_lengths(self, phases, n_acc), list(cbs or []), n_acc)
 
 # %% ../nbs/08_phases.ipynb #0adfd816
+@document_params
 class OneCycle:
     """Leslie Smith's 1cycle policy, in fastai's form. Over `n` epochs (one phase):
 
@@ -573,8 +605,13 @@ class OneCycle:
     - momentum mirrors it: `moms[0] -> moms[1]` during warm-up, `moms[1] -> moms[2]` after (`moms=None`: leave it).
 
     Raise `div` for a gentler start, lower `pct_start` to spend longer annealing; the defaults suit most problems."""
-    def __init__(self, lr_max, div: float = 25., div_final: float = 1e5, pct_start: float = 0.25,
-                 moms=(0.95, 0.85, 0.95)):
+    def __init__(self,
+                 lr_max,  # peak learning rate (or a `slice` over the layer groups)
+                 div: float = 25.,  # the warm-up starts at `lr_max / div`
+                 div_final: float = 1e5,  # training ends at `lr_max / div_final`
+                 pct_start: float = 0.25,  # fraction of training spent warming up
+                 moms=(0.95, 0.85, 0.95)  # momentum at the start, the peak and the end (None: momentum not scheduled)
+                ):
         if not 0 < pct_start < 1: raise ValueError(f"pct_start must be in (0, 1), got {pct_start}")
         if not (div > 0 and div_final > 0): raise ValueError(f"div and div_final must be positive, got {div}, {div_final}")
         check_hyper_values('lr_max', lr_max, 'lr'); check_hyper_values('moms', list(moms or []), 'momentum')
@@ -601,6 +638,7 @@ class OneCycle:
                 f"pct_start={self.pct_start}, moms={self.moms})")
 
 # %% ../nbs/08_phases.ipynb #bdf19153
+@document_params
 class SGDR:
     """Stochastic gradient descent with warm restarts (Loshchilov & Hutter): `n` cycles, each a cosine from `lr_max` to 0,
     cycle `i` lasting `cycle_len * cycle_mult**i` epochs. Longer later cycles (`cycle_mult > 1`) let the model settle;
@@ -608,7 +646,11 @@ class SGDR:
     batches as torch's `CosineAnnealingWarmRestarts`, ignite and Composer count them: the first cycle
     `round(cycle_len * epoch_len)` batches, each next one `int(cycle_mult * previous)` (truncated from the previous cycle,
     so 20 and 1.3 give 20, 26, 33, 42, 54 batches, not the rounded products 20, 26, 34, 44, 57)."""
-    def __init__(self, lr_max, cycle_len=1, cycle_mult=2):
+    def __init__(self,
+                 lr_max,  # learning rate at the start of each cycle (or a `slice`)
+                 cycle_len=1,  # length in epochs of the first cycle
+                 cycle_mult=2  # each cycle is this many times longer than the one before
+                ):
         if not _positive_number(cycle_len) or not _positive_number(cycle_mult):
             raise ValueError(f"cycle_len and cycle_mult must be positive, got {cycle_len}, {cycle_mult}")
         check_hyper_values('lr_max', lr_max, 'lr')
@@ -637,10 +679,15 @@ class SGDR:
                 for i in range(n_cycles)]
     def __repr__(self): return f"SGDR(lr_max={self.lr_max!r}, cycle_len={self.cycle_len}, cycle_mult={self.cycle_mult})"
 
+@document_params
 class FlatCos:
     """Flat, then cosine: `lr` constant for the first `pct_start` of training, then cosine annealing to
     `lr/div_final`. Works well with optimizers that need no warm-up."""
-    def __init__(self, lr, pct_start: float = 0.75, div_final: float = 1e5):
+    def __init__(self,
+                 lr,  # the flat learning rate (or a `slice`)
+                 pct_start: float = 0.75,  # fraction of training at the flat rate before the cosine annealing
+                 div_final: float = 1e5  # training ends at `lr / div_final`
+                ):
         if not 0 <= pct_start < 1: raise ValueError(f"pct_start must be in [0, 1), got {pct_start}")
         check_hyper_values('lr', lr)
         self.lr, self.pct_start, self.div_final = lr, pct_start, div_final
@@ -651,10 +698,15 @@ class FlatCos:
         return [TrainingPhase(epochs=n_epoch, lr=lr)]
     def __repr__(self): return f"FlatCos(lr={self.lr!r}, pct_start={self.pct_start}, div_final={self.div_final})"
 
+@document_params
 class WarmupCosine:
     """Linear warm-up from 0 to `lr_max` over the first `warmup_pct` of training, then cosine annealing to
     `lr_max/div_final`: the usual schedule for transformers and large batches."""
-    def __init__(self, lr_max, warmup_pct: float = 0.1, div_final: float = 1e5):
+    def __init__(self,
+                 lr_max,  # peak learning rate (or a `slice`)
+                 warmup_pct: float = 0.1,  # fraction of training spent in the linear warm-up from 0
+                 div_final: float = 1e5  # training ends at `lr_max / div_final`
+                ):
         if not 0 < warmup_pct < 1: raise ValueError(f"warmup_pct must be in (0, 1), got {warmup_pct}")
         check_hyper_values('lr_max', lr_max, 'lr')
         self.lr_max, self.warmup_pct, self.div_final = lr_max, warmup_pct, div_final
@@ -666,12 +718,19 @@ class WarmupCosine:
         return [TrainingPhase(epochs=n_epoch, lr=lr)]
     def __repr__(self): return f"WarmupCosine(lr_max={self.lr_max!r}, warmup_pct={self.warmup_pct}, div_final={self.div_final})"
 
+@document_params
 class WSD:
     """Warmup-stable-decay, the schedule of current LLM pre-training (one phase of `n` epochs): linear warm-up from 0 to
     `lr_max` over the first `warmup_pct` of training, `lr_max` held, then a decay to `lr_max/div_final` (0 by default) over
     the last `decay_pct`, shaped `decay`: '1-sqrt' (Hägele et al. 2024, the default), 'linear' or 'cosine'. The stable
     part can be cut anywhere and cooled down later, which is why it is popular: see `SchedWSD`."""
-    def __init__(self, lr_max, warmup_pct: float = 0.05, decay_pct: float = 0.2, decay: str = '1-sqrt', div_final: float = math.inf):
+    def __init__(self,
+                 lr_max,  # the stable learning rate (or a `slice`)
+                 warmup_pct: float = 0.05,  # fraction of training spent in the linear warm-up from 0
+                 decay_pct: float = 0.2,  # fraction of training spent in the final decay
+                 decay: str = '1-sqrt',  # shape of the decay: '1-sqrt', 'linear' or 'cosine'
+                 div_final: float = math.inf  # training ends at `lr_max / div_final` (math.inf: 0)
+                ):
         if not (0 <= warmup_pct < 1 and 0 <= decay_pct <= 1 and warmup_pct + decay_pct <= 1):
             raise ValueError(f"warmup_pct and decay_pct must be in [0, 1] and sum to at most 1, got {warmup_pct}, {decay_pct}")
         if not div_final > 0: raise ValueError(f"div_final must be positive (math.inf: decay to 0), got {div_final}")
@@ -696,32 +755,79 @@ def _with_wd(phases, wd):
     return phases
 
 @patch
-def fit_one_cycle(self: Learner, n_epoch, lr_max=None, div=25., div_final=1e5, pct_start=0.25,
-                  moms=(0.95, 0.85, 0.95), wd=None, cbs=None, resume=None):
+@document_params
+def fit_one_cycle(self: Learner,
+                  n_epoch,  # number of epochs
+                  lr_max=None,  # peak learning rate (None: the learner's `lr`)
+                  div=25.,  # the warm-up starts at `lr_max / div`
+                  div_final=1e5,  # training ends at `lr_max / div_final`
+                  pct_start=0.25,  # fraction of training spent warming up
+                  moms=(0.95, 0.85, 0.95),  # momentum at the start, the peak and the end (None: not scheduled)
+                  wd=None,  # weight decay for this fit (None: the learner's `wd`)
+                  cbs=None,  # callbacks for this fit only (added at its start, removed at its end)
+                  resume=None  # name or path of a checkpoint (`CheckpointCallback`) to continue this same fit from; None: start afresh
+                 ):
     "Train `n_epoch` epochs with the `OneCycle` policy."
     policy = OneCycle(self.lr if lr_max is None else lr_max, div, div_final, pct_start, moms)
     self.fit_phases(_with_wd(policy.phases(n_epoch), wd), cbs=cbs, resume=resume)
 
 @patch
-def fit_sgdr(self: Learner, n_cycles: int, cycle_len=1, lr_max=None, cycle_mult=2, wd=None, cbs=None, resume=None):
+@document_params
+def fit_sgdr(self: Learner,
+             n_cycles: int,  # number of cosine cycles
+             cycle_len=1,  # length in epochs of the first cycle
+             lr_max=None,  # learning rate at the start of each cycle (None: the learner's `lr`)
+             cycle_mult=2,  # each cycle is this many times longer than the one before
+             wd=None,  # weight decay for this fit (None: the learner's `wd`)
+             cbs=None,  # callbacks for this fit only (added at its start, removed at its end)
+             resume=None  # name or path of a checkpoint (`CheckpointCallback`) to continue this same fit from; None: start afresh
+            ):
     "Train `n_cycles` cycles of the `SGDR` policy."
     policy = SGDR(self.lr if lr_max is None else lr_max, cycle_len, cycle_mult)
     self.fit_phases(_with_wd(policy.phases(n_cycles, epoch_len=len(self.dls.train)), wd), cbs=cbs, resume=resume)
 
 @patch
-def fit_flat_cos(self: Learner, n_epoch, lr=None, pct_start=0.75, div_final=1e5, wd=None, cbs=None, resume=None):
+@document_params
+def fit_flat_cos(self: Learner,
+                 n_epoch,  # number of epochs
+                 lr=None,  # the flat learning rate (None: the learner's `lr`)
+                 pct_start=0.75,  # fraction of training at the flat rate
+                 div_final=1e5,  # training ends at `lr / div_final`
+                 wd=None,  # weight decay for this fit (None: the learner's `wd`)
+                 cbs=None,  # callbacks for this fit only (added at its start, removed at its end)
+                 resume=None  # name or path of a checkpoint (`CheckpointCallback`) to continue this same fit from; None: start afresh
+                ):
     "Train `n_epoch` epochs with the `FlatCos` policy."
     self.fit_phases(_with_wd(FlatCos(self.lr if lr is None else lr, pct_start, div_final).phases(n_epoch), wd), cbs=cbs, resume=resume)
 
 @patch
-def fit_wsd(self: Learner, n_epoch, lr_max=None, warmup_pct=0.05, decay_pct=0.2, decay='1-sqrt', div_final=math.inf, wd=None,
-            cbs=None, resume=None):
+@document_params
+def fit_wsd(self: Learner,
+            n_epoch,  # number of epochs
+            lr_max=None,  # the stable learning rate (None: the learner's `lr`)
+            warmup_pct=0.05,  # fraction of training spent in the linear warm-up from 0
+            decay_pct=0.2,  # fraction of training spent in the final decay
+            decay='1-sqrt',  # shape of the decay: '1-sqrt', 'linear' or 'cosine'
+            div_final=math.inf,  # training ends at `lr_max / div_final` (math.inf: 0)
+            wd=None,  # weight decay for this fit (None: the learner's `wd`)
+            cbs=None,  # callbacks for this fit only (added at its start, removed at its end)
+            resume=None  # name or path of a checkpoint (`CheckpointCallback`) to continue this same fit from; None: start afresh
+           ):
     "Train `n_epoch` epochs with the `WSD` (warmup-stable-decay) policy."
     policy = WSD(self.lr if lr_max is None else lr_max, warmup_pct, decay_pct, decay, div_final)
     self.fit_phases(_with_wd(policy.phases(n_epoch), wd), cbs=cbs, resume=resume)
 
 @patch
-def fit_warmup_cosine(self: Learner, n_epoch, lr_max=None, warmup_pct=0.1, div_final=1e5, wd=None, cbs=None, resume=None):
+@document_params
+def fit_warmup_cosine(self: Learner,
+                      n_epoch,  # number of epochs
+                      lr_max=None,  # peak learning rate (None: the learner's `lr`)
+                      warmup_pct=0.1,  # fraction of training spent in the linear warm-up
+                      div_final=1e5,  # training ends at `lr_max / div_final`
+                      wd=None,  # weight decay for this fit (None: the learner's `wd`)
+                      cbs=None,  # callbacks for this fit only (added at its start, removed at its end)
+                      resume=None  # name or path of a checkpoint (`CheckpointCallback`) to continue this same fit from; None: start afresh
+                     ):
     "Train `n_epoch` epochs with the `WarmupCosine` policy."
     self.fit_phases(_with_wd(WarmupCosine(self.lr if lr_max is None else lr_max, warmup_pct, div_final).phases(n_epoch), wd), cbs=cbs, resume=resume)
 

@@ -71,10 +71,13 @@ def _read_hyper(segment, name: str, snapshots: list) -> np.ndarray:
     rows = [[0. if i is None else snap[i][column] if index is None else snap[i][column][index] for i in first] for snap in snapshots]
     return np.array(rows, dtype=float).reshape(len(snapshots), len(first), -1).squeeze(-1)
 
+@document_params
 class Recorder(Callback):
     "Records the loss and the hyperparameters per batch, and the epoch table (`names`, `values`)."
     order = 50
-    def __init__(self, beta: float = 0.98):
+    def __init__(self,
+                 beta: float = 0.98  # smoothing of the loss shown while training (exponential moving average, debiased)
+                ):
         self.smooth_loss, self.valid_loss = AvgSmoothLoss(beta, history=True), AvgLoss()
         self.values, self.last_valid, self.epoch_batches, self.batch_sizes = [], None, [], []
         self._snapshots, self.segments, self._opt, self._getter = [], [], None, None
@@ -307,7 +310,10 @@ def load_state_dict(self: Recorder, state: dict):
 
 # %% ../nbs/04_recorder.ipynb #f094b926
 @patch
-def plot_loss(self: Recorder, skip_start: int = 0, with_valid: bool = True, ax=None):
+def plot_loss(self: Recorder,
+              skip_start: int = 0,  # batches left out at the start (the first losses of a random network dwarf the rest)
+              with_valid: bool = True,  # also draw the validation loss at each epoch's end
+              ax=None):  # matplotlib axes to draw on (None: a new figure)
     "Smoothed training loss per batch, and the validation loss at the end of each epoch; returns the axes."
     import matplotlib.pyplot as plt
     if ax is None: _, ax = plt.subplots()
@@ -320,7 +326,8 @@ def plot_loss(self: Recorder, skip_start: int = 0, with_valid: bool = True, ax=N
     return ax
 
 @patch
-def plot_metrics(self: Recorder, axs=None):
+def plot_metrics(self: Recorder,
+                 axs=None):  # one matplotlib axes per panel to draw on (None: a new figure)
     "One panel per epoch-table column against the epoch: the losses together, then each metric; returns the axes."
     import matplotlib.pyplot as plt
     names, rows = self.names[1:-1], np.array([row[1:-1] for row in self.values], dtype=float).reshape(len(self.values), -1)
@@ -379,12 +386,18 @@ def table_html(names: list, rows: list) -> str:
             f'<tbody>{body}</tbody></table>')
 
 # %% ../nbs/04_recorder.ipynb #9bd4d397
+@document_params
 class ProgressCallback(Callback):
     "A tqdm bar per pass with the smoothed loss (read every `refresh` seconds), and the epoch table as epochs end."
     order = 60
     name = 'progress_bar'  # `learn.progress_bar`; `learn.progress` tells where training is (see the Learner chapter)
-    def __init__(self, show_bar: bool = True, show_table: bool = True, refresh: float = 0.5, bar_interval: float = 0.1,
-                 html: bool | None = None):
+    def __init__(self,
+                 show_bar: bool = True,  # show a progress bar for each pass
+                 show_table: bool = True,  # show the epoch table
+                 refresh: float = 0.5,  # seconds between reads of the loss for the bar (each read is a host sync)
+                 bar_interval: float = 0.1,  # seconds between redraws of the bar
+                 html: bool | None = None  # epoch table as HTML (None: HTML in a notebook, text elsewhere)
+                ):
         self.show_bar, self.show_table, self.refresh, self.bar_interval, self.html = show_bar, show_table, refresh, bar_interval, html
         self.bar, self.postfix, self.rows, self.handle = None, '', [], None
 
@@ -394,10 +407,13 @@ class ProgressCallback(Callback):
         self._recorder = getattr(self.learn, 'recorder', None)
 
     def _open_bar(self, desc):
-        self._close_bar()
-        if not self.show_bar or quiet_env(): return
-        from tqdm.auto import tqdm
-        self.bar = tqdm(total=self.learn.n_iter, desc=desc, leave=False, dynamic_ncols=True)
+        "Open the bar of a pass; in a notebook, reset the fit's one bar: a notebook keeps one widget per fit, not two per epoch."
+        if not self.show_bar or quiet_env(): return self._close_bar()
+        if self.bar is not None:
+            self.bar.reset(total=self.learn.n_iter); self.bar.set_description(desc, refresh=False)
+        else:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=self.learn.n_iter, desc=desc, leave=False, dynamic_ncols=True)
         now = _clock()
         self._next_update, self._next_postfix = now + self.bar_interval, now + self.refresh
 
@@ -427,14 +443,16 @@ class ProgressCallback(Callback):
     def _close_bar(self):
         if self.bar is not None: self.bar.close()
         self.bar = None
+    def _end_pass(self):
+        if not in_notebook(): self._close_bar()   # a terminal bar goes before the table's line; a widget is reset and reused
     def after_train(self):
-        "Close the training bar."
-        self._close_bar()
+        "End the training bar (in a notebook it is reset and reused by the next pass)."
+        self._end_pass()
     def after_validate(self):
-        "Close the validation bar."
-        self._close_bar()
+        "End the validation bar (in a notebook it is reset and reused by the next pass)."
+        self._end_pass()
     def after_fit(self):
-        "Close any bar still open."
+        "Close the bar."
         self._close_bar()
 
     def after_epoch(self):
@@ -444,10 +462,10 @@ class ProgressCallback(Callback):
         self.rows.append(recorder.values[-1])
         names = recorder.names
         if self.html if self.html is not None else in_notebook():
-            from IPython.display import display, HTML
-            table = HTML(table_html(names, self.rows))
-            if self.handle is None: self.handle = display(table, display_id=True)
-            else: self.handle.update(table)
+            from IPython.display import display
+            table = {'text/html': table_html(names, self.rows), 'text/plain': table_text(names, self.rows)}   # text: for a viewer without HTML
+            if self.handle is None: self.handle = display(table, raw=True, display_id=True)
+            else: self.handle.update(table, raw=True)
         else: print(table_text(names, self.rows[-1:], header=len(self.rows) == 1), flush=True)
 
 # %% ../nbs/04_recorder.ipynb #db3c0348
@@ -465,10 +483,14 @@ def quiet(learn):
 import csv
 from pathlib import Path
 
+@document_params
 class CSVLogger(Callback):
     "Writes the epoch table to `learn.path/fname` as CSV, a row per epoch (`append` keeps earlier rows)."
     order, run_in_lr_find = 70, False
-    def __init__(self, fname: str = 'history.csv', append: bool = False):
+    def __init__(self,
+                 fname: str = 'history.csv',  # file name, under `learn.path`
+                 append: bool = False  # keep the rows of earlier fits (False: start the file afresh)
+                ):
         self.fname, self.append, self.file = Path(fname), append, None
 
     @property
@@ -504,10 +526,13 @@ class CSVLogger(Callback):
             return [{k: int(v) if k == 'epoch' else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 # %% ../nbs/04_recorder.ipynb #8d981bac
+@document_params
 class ShowGraphCallback(Callback):
     "Redraws the training and validation losses after every epoch: in a notebook in place, else into `fname` (PNG)."
     order, run_in_lr_find = 65, False
-    def __init__(self, fname: str | None = None): self.fname, self.handle = fname, None
+    def __init__(self,
+                 fname: str | None = None  # PNG file redrawn after each epoch (None: draw in the notebook; nothing outside one)
+                ): self.fname, self.handle = fname, None
 
     def before_fit(self):
         "Start a new figure."

@@ -10,6 +10,7 @@ from torch import nn
 import torch.nn.functional as F
 from .callback import *
 from .learner import unwrap_model
+from .core import document_params
 
 # %% auto #0
 __all__ = ['synthetic_text', 'char_stream', 'LMDataLoader', 'CharLM', 'lm_loss', 'RNNCallback', 'LossTerm', 'rnn_time_dim',
@@ -41,7 +42,11 @@ def char_stream(text: str, vocab: str | None = None):
 class LMDataLoader:
     """Batches `(x, y)` of a token `stream` for a stateful language model: the stream is cut into `bs` contiguous rows;
     batch `i` is tokens `[i*bptt, (i+1)*bptt)` of every row, `y` the same window one token ahead."""
-    def __init__(self, stream: torch.Tensor, bs: int = 64, bptt: int = 70, device=None):
+    def __init__(self,
+                 stream: torch.Tensor,  # 1-D tensor of token ids, the whole text
+                 bs: int = 64,  # number of parallel streams (batch size)
+                 bptt: int = 70,  # tokens per window (back-propagation through time)
+                 device=None):  # where batches go (None: where `stream` is)
         stream = torch.as_tensor(stream)
         if stream.ndim != 1: raise ValueError(f"stream must be a 1-D tensor of token ids, got shape {tuple(stream.shape)}")
         for name, value in (('bs', bs), ('bptt', bptt)):
@@ -82,7 +87,12 @@ class CharLM(nn.Module):
     """Character-level LSTM language model that carries its state across batches (detached) until `reset()`.
     Returns `(logits, raw_outputs, dropped_outputs)`: logits `(bs, seq_len, vocab_size)` and, per layer, the LSTM
     output `(bs, seq_len, hidden_size)` before and after dropout."""
-    def __init__(self, vocab_size: int, emb_size: int = 16, hidden_size: int = 64, n_layers: int = 1, dropout: float = 0.):
+    def __init__(self,
+                 vocab_size: int,  # number of distinct tokens
+                 emb_size: int = 16,  # size of the token embeddings
+                 hidden_size: int = 64,  # size of the LSTM's hidden state
+                 n_layers: int = 1,  # stacked LSTM layers
+                 dropout: float = 0.):  # dropout probability between layers and before the output
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, emb_size)
         self.lstms = nn.ModuleList([nn.LSTM(emb_size if i == 0 else hidden_size, hidden_size, batch_first=True)
@@ -118,13 +128,16 @@ def _resettables(model: nn.Module) -> list:
     for child in model.children(): found += _resettables(child)
     return found
 
+@document_params
 class RNNCallback(Callback):
     """Resets a stateful model (`model.reset()`) before every fit and before the passes named in `reset_on`
     ('train', 'validate'); keeps `output` of an `(output, raw_outputs, dropped_outputs)` model output as `learn.pred`
     and stores the others as `raw_out` and `out`."""
     order = -10
     _passes = ('train', 'validate')
-    def __init__(self, reset_on=('train', 'validate')):
+    def __init__(self,
+                 reset_on=('train', 'validate')  # passes before which the model's state is reset: 'train', 'validate'
+                ):
         reset_on = (reset_on,) if isinstance(reset_on, str) else tuple(reset_on)
         wrong = [o for o in reset_on if o not in self._passes]
         if wrong: raise ValueError(f"reset_on takes a subset of {self._passes} (the model is always reset before a fit), got {wrong}")
@@ -165,12 +178,17 @@ def _check_weight(weight):
         raise ValueError(f"weight must be a finite real number or a schedule (a callable of pct_train), got {weight!r}")
     return float(weight)
 
+@document_params
 class LossTerm(Callback):
     """Adds `weight * term(learn)` to `learn.loss_grad` in `after_loss` of training batches (`learn.loss` is unchanged).
     `weight`: a number or a schedule `pct_train -> number`. Subclass and define `term(learn)`, or pass `term=`.
     Records each batch's term in `values` and its weight in `weights` (one host transfer per training pass)."""
     order = -5
-    def __init__(self, term=None, weight=1., name: str | None = None):
+    def __init__(self,
+                 term=None,  # `term(learn)` gives a scalar tensor to add (or define `term` in a subclass)
+                 weight=1.,  # a number, or a schedule `pct_train -> number`
+                 name: str | None = None  # the callback's name (`learn.<name>`; None: from the class)
+                ):
         if term is not None and not callable(term): raise TypeError(f"term must be a function of the learner, got {term!r}")
         if term is None and type(self).term is LossTerm.term:
             raise TypeError("LossTerm needs a term: pass term=<function of the learner>, or subclass and define term(self, learn)")
@@ -241,13 +259,20 @@ def rnn_time_dim(model: nn.Module) -> int:
     raise ValueError(f"RNNRegularizer cannot tell which dimension of the activations is time: {type(model).__name__} "
                      f"{why}; pass time_dim= (0 for time-major activations (seq_len, bs, hidden), 1 for (bs, seq_len, hidden))")
 
+@document_params
 class RNNRegularizer(LossTerm):
     """AR + TAR on the last layer of an AWD-LSTM style model: `alpha * mean(out**2)` on the dropped output plus
     `beta * mean((raw[:, t+1] - raw[:, t])**2)` on the raw output (time on `time_dim`; None: read from the model's RNN
     modules by `rnn_time_dim`), added to `loss_grad` in training. Reads the outputs stored by `RNNCallback`; `weight`
     (number or schedule) multiplies both."""
     run_after = RNNCallback
-    def __init__(self, alpha: float = 2., beta: float = 1., time_dim: int | None = None, weight=1., name: str | None = None):
+    def __init__(self,
+                 alpha: float = 2.,  # weight of AR (activation regularization) on the dropped output
+                 beta: float = 1.,  # weight of TAR (temporal activation regularization) on the raw output
+                 time_dim: int | None = None,  # the time dimension of the outputs (None: read from the model's RNN modules' `batch_first`)
+                 weight=1.,  # a number or a schedule multiplying both terms
+                 name: str | None = None  # the callback's name (None: from the class)
+                ):
         for label, value in (('alpha', alpha), ('beta', beta)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"{label} must be a finite real number, got {value!r}")

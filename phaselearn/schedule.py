@@ -135,7 +135,9 @@ class _StartEndSchedule(Schedule):
     "Shared machinery of the schedules that go from `start` to `end` (numbers, arrays or slices)."
     _repr_names = ('start', 'end')
 
-    def __init__(self, start, end):
+    def __init__(self,
+                 start,  # value at `pct=0`: a number, an array (one per layer group) or a slice
+                 end):  # value at `pct=1`, of the same kind as `start`
         self.start, self.end, self._start, self._end, self._lo_none = _prepare_ends(start, end)
         self._delta = self._end - self._start
         if self._lo_none is not None: self._value = self._slice_value  # instance attribute: the hot path stays one call
@@ -159,7 +161,9 @@ class SchedCos(_StartEndSchedule):
 # %% ../nbs/06_schedule.ipynb #68b3992b
 class SchedExp(_StartEndSchedule):
     "Exponential schedule: `start * (end / start) ** pct` (`start`, `end` > 0)."
-    def __init__(self, start, end):
+    def __init__(self,
+                 start,  # value at `pct=0` (> 0)
+                 end):  # value at `pct=1` (> 0)
         super().__init__(start, end)
         if not (np.all(self._start > 0) and np.all(self._end > 0)):
             raise ValueError(f"SchedExp interpolates on a log scale: start and end must be > 0, got start={start!r}, end={end!r}")
@@ -174,7 +178,10 @@ class SchedPoly(_StartEndSchedule):
     peers' polynomial decay, `end + (start - end) * (1 - pct) ** power` (torch `PolynomialLR`, Hugging Face, Composer,
     Keras): that one is `SchedPolyDecay`."""
     _repr_names = ('start', 'end', 'power')
-    def __init__(self, start, end, power):
+    def __init__(self,
+                 start,  # value at `pct=0`
+                 end,  # value at `pct=1`
+                 power):  # exponent of `pct` (> 0)
         if not _is_real(power) or not (0 < power < math.inf):
             raise ValueError(f"SchedPoly: power must be a finite real number > 0, got {power!r}")
         self.power = float(power)
@@ -188,7 +195,8 @@ class SchedPoly(_StartEndSchedule):
 class SchedConst(Schedule):
     "Constant schedule: `value` at every `pct` (a number, an array with one entry per layer group, or a slice)."
     _repr_names = ('value',)
-    def __init__(self, value):
+    def __init__(self,
+                 value):  # the value: a number, an array (one per layer group) or a slice
         if isinstance(value, slice): self.value = _check_slice(value, 'value')
         elif isinstance(value, (list, tuple, np.ndarray)):
             self.value = _as_array(value, 'value'); self.value.flags.writeable = False
@@ -199,7 +207,9 @@ class SchedConst(Schedule):
 class SchedNo(SchedConst):
     "`SchedConst` under its fastai name: `SchedNo(value)`, or fastai's `SchedNo(start, end)`, which is `start` throughout."
     _repr_names = ('start', 'end')
-    def __init__(self, start, end=None):
+    def __init__(self,
+                 start,  # the value throughout
+                 end=None):  # ignored (fastai's signature)
         super().__init__(start)
         self.start, self.end = self.value, end
 
@@ -208,7 +218,9 @@ _BOUNDARY_TOL = 1e-12  # a pct this close to a boundary between pieces counts as
 
 class CombinedSchedule(Schedule):
     "Schedules `scheds` one after another over [0, 1], piece `k` covering a fraction `pcts[k]`. Built by `combine_scheds`."
-    def __init__(self, pcts, scheds):
+    def __init__(self,
+                 pcts,  # fraction of [0, 1] each schedule covers (they add up to 1)
+                 scheds):  # the schedules, one per fraction
         pcts, scheds = list(pcts), list(scheds)
         if len(pcts) == 0 or len(pcts) != len(scheds):
             raise ValueError(f"combine_scheds needs one fraction per schedule (at least one), got {len(pcts)} pcts and {len(scheds)} schedules")

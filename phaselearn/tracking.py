@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from .callback import *
 from .recorder import *
+from .core import document_params
 
 # %% auto #0
 __all__ = ['TrackerCallback', 'EarlyStoppingCallback', 'SaveModelCallback', 'ReduceLROnPlateau', 'TerminateOnNaNCallback',
@@ -19,10 +20,16 @@ __all__ = ['TrackerCallback', 'EarlyStoppingCallback', 'SaveModelCallback', 'Red
 def _lower_is_better(monitor: str) -> bool:
     return 'loss' in monitor or 'error' in monitor
 
+@document_params
 class TrackerCallback(Callback):
     "Watches column `monitor` of the epoch table; after each epoch: `value`, `best`, `best_epoch`, `new_best`, `wait`."
     order, run_after, run_in_lr_find = 75, Recorder, False
-    def __init__(self, monitor: str = 'valid_loss', comp=None, min_delta: float = 0., reset_on_fit: bool = True):
+    def __init__(self,
+                 monitor: str = 'valid_loss',  # column of the epoch table to watch (`valid_loss`, a metric's name)
+                 comp=None,  # comparison that says `new` is better than `best` (e.g. `np.less`); None: lower is better for losses and errors, higher otherwise
+                 min_delta: float = 0.,  # smallest change that counts as an improvement
+                 reset_on_fit: bool = True  # forget the best value at the start of each fit
+                ):
         if not isinstance(monitor, str): raise TypeError(f"monitor must be a column name (a str), got {monitor!r}")
         if isinstance(min_delta, bool) or not isinstance(min_delta, numbers.Real) or not 0 <= min_delta < math.inf:
             raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
@@ -72,11 +79,17 @@ class TrackerCallback(Callback):
         return f"best {self.best:.4g} at epoch {self.best_epoch}" if self.best_epoch is not None else "no valid value yet"
 
 # %% ../nbs/13_tracking.ipynb #89651d3f
+@document_params
 class EarlyStoppingCallback(TrackerCallback):
     "Stops the fit after `patience` epochs in a row in which `monitor` did not improve (see `TrackerCallback`)."
     order = 80  # after the other trackers: they all see the epoch that stops the fit
-    def __init__(self, monitor: str = 'valid_loss', comp=None, min_delta: float = 0., patience: int = 1,
-                 reset_on_fit: bool = True):
+    def __init__(self,
+                 monitor: str = 'valid_loss',  # column of the epoch table to watch
+                 comp=None,  # comparison that says `new` is better than `best` (None: from the name)
+                 min_delta: float = 0.,  # smallest change that counts as an improvement
+                 patience: int = 1,  # epochs in a row without improvement before stopping
+                 reset_on_fit: bool = True  # forget the best value at the start of each fit
+                ):
         super().__init__(monitor, comp, min_delta, reset_on_fit)
         if isinstance(patience, bool) or not isinstance(patience, numbers.Integral) or patience < 1:
             raise ValueError(f"patience must be a positive integer (epochs without improvement), got {patience!r}")
@@ -98,10 +111,19 @@ class EarlyStoppingCallback(TrackerCallback):
         raise CancelFitException()
 
 # %% ../nbs/13_tracking.ipynb #0e19f205
+@document_params
 class SaveModelCallback(TrackerCallback):
     "Saves the model when `monitor` improves (or every epoch), and loads the best weights back after the fit (unless `at_end`)."
-    def __init__(self, monitor: str = 'valid_loss', comp=None, min_delta: float = 0., fname: str = 'model',
-                 every_epoch: bool | int = False, at_end: bool = False, with_opt: bool = False, reset_on_fit: bool = True):
+    def __init__(self,
+                 monitor: str = 'valid_loss',  # column of the epoch table to watch
+                 comp=None,  # comparison that says `new` is better than `best` (None: from the name)
+                 min_delta: float = 0.,  # smallest change that counts as an improvement
+                 fname: str = 'model',  # file name under `learn.path/learn.model_dir`
+                 every_epoch: bool | int = False,  # save every epoch (True) or every n epochs (an int) instead of on improvement
+                 at_end: bool = False,  # keep the final weights at the end instead of loading the best ones back
+                 with_opt: bool = False,  # save the optimizer state too
+                 reset_on_fit: bool = True  # forget the best value at the start of each fit
+                ):
         super().__init__(monitor, comp, min_delta, reset_on_fit)
         if not isinstance(every_epoch, (bool, numbers.Integral)) or (not isinstance(every_epoch, bool) and every_epoch < 1):
             raise ValueError(f"every_epoch must be True (every epoch), False (the best only) or a positive integer N "
@@ -139,10 +161,18 @@ class SaveModelCallback(TrackerCallback):
         self.best_file = state.get('best_file')
 
 # %% ../nbs/13_tracking.ipynb #d5fab101
+@document_params
 class ReduceLROnPlateau(TrackerCallback):
     "Multiplies the learning rate (scheduled or not) by `factor`, floored at `min_lr`, after `patience` epochs without improvement."
-    def __init__(self, monitor: str = 'valid_loss', comp=None, min_delta: float = 0., patience: int = 1,
-                 factor: float = 0.1, min_lr=0., reset_on_fit: bool = True):
+    def __init__(self,
+                 monitor: str = 'valid_loss',  # column of the epoch table to watch
+                 comp=None,  # comparison that says `new` is better than `best` (None: from the name)
+                 min_delta: float = 0.,  # smallest change that counts as an improvement
+                 patience: int = 1,  # epochs in a row without improvement before the rate is reduced
+                 factor: float = 0.1,  # the learning rate is multiplied by this
+                 min_lr=0.,  # the learning rate never goes below this
+                 reset_on_fit: bool = True  # forget the best value at the start of each fit
+                ):
         super().__init__(monitor, comp, min_delta, reset_on_fit)
         if isinstance(patience, bool) or not isinstance(patience, numbers.Integral) or patience < 1:
             raise ValueError(f"patience must be a positive integer (epochs without improvement), got {patience!r}")
@@ -244,10 +274,15 @@ def _summary_writer_class():
                           f"pip install tensorboard ({e})") from e
     return SummaryWriter
 
+@document_params
 class TensorBoardCallback(Callback):
     "Writes the smoothed loss and the hyperparameters every `every_n` batches, and the epoch table, to TensorBoard."
     order, run_after, run_in_lr_find = 70, Recorder, False
-    def __init__(self, log_dir=None, every_n: int = 20, hypers=None):
+    def __init__(self,
+                 log_dir=None,  # TensorBoard log folder (None: a new folder under `learn.path/runs`, named by time and host)
+                 every_n: int = 20,  # write every this many training batches
+                 hypers=None  # names of the hyperparameters to write (None: every one the optimizer has)
+                ):
         self._writer_class = _summary_writer_class()
         if isinstance(every_n, bool) or not isinstance(every_n, numbers.Integral) or every_n < 1:
             raise ValueError(f"every_n must be a positive integer (training batches between writes), got {every_n!r}")

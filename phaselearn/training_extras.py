@@ -27,13 +27,16 @@ def _find_ddp(model):
         if hasattr(model, '_orig_mod'): model = model._orig_mod
         else: return None
 
+@document_params
 class GradientAccumulation(Callback):
     """Step the optimizer once every `n_acc` training batches, with the mean of their gradients: `loss_grad` is divided
     by the size of its group of batches (`n_acc`, or fewer for the last group of a pass, which is stepped too)."""
     order = 20
     run_before = (MixedPrecision, FP16Training, GradientClip)
     n_acc = 2   # the default, readable on the class too: the phase scheduler asks a callback given as a class for its n_acc
-    def __init__(self, n_acc: int = 2):
+    def __init__(self,
+                 n_acc: int = 2  # training batches whose gradients are averaged into one optimizer step
+                ):
         if isinstance(n_acc, bool) or not isinstance(n_acc, numbers.Integral) or n_acc < 1:
             raise ValueError(f"n_acc must be a positive integer (training batches per optimizer step), got {n_acc!r}")
         self.n_acc, self._n, self._partial, self._ddp = int(n_acc), 0, False, None
@@ -100,12 +103,18 @@ def _same_layout(a, b) -> bool:
     def layout(m): return [(n, t.shape) for n, t in list(m.named_parameters()) + list(m.named_buffers())]
     return layout(a) == layout(b)
 
+@document_params
 class EMACallback(Callback):
     """Exponential moving average of the weights, `ema <- decay * ema + (1 - decay) * weights` after every optimizer
     step (after the first `start_iter` steps, which copy), kept in `ema_model`; validation with the average when
     `validate_with_ema`; the average copied into the model at the end of the fit when `replace_at_end`."""
     order, run_after, run_in_lr_find = 40, (MixedPrecision, FP16Training), False
-    def __init__(self, decay: float = 0.999, start_iter: int = 0, validate_with_ema: bool = True, replace_at_end: bool = False):
+    def __init__(self,
+                 decay: float = 0.999,  # weight of the old average at each step
+                 start_iter: int = 0,  # optimizer steps that copy the weights before averaging starts
+                 validate_with_ema: bool = True,  # validate with the averaged weights
+                 replace_at_end: bool = False  # copy the averaged weights into the model when the fit ends
+                ):
         if not _is_real(decay) or not 0 <= decay < 1:
             raise ValueError(f"decay must be a number in [0, 1) (the average spans about 1/(1-decay) steps), got {decay!r}")
         if isinstance(start_iter, bool) or not isinstance(start_iter, numbers.Integral) or start_iter < 0:

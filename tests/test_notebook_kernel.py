@@ -37,6 +37,10 @@ def test_in_notebook_in_a_real_kernel_and_the_html_table(tmp_path):
     final = tables[-1]['data']['text/html']
     for column in ('epoch', 'train_loss', 'valid_loss', 'accuracy', 'time'): assert f'<th>{column}</th>' in final
     assert final.count('<tr>') == 2  # one row per epoch, in one table updated in place
+    plain = tables[-1]['data']['text/plain']   # what a viewer without HTML shows: the table as text, not '<IPython...HTML object>'
+    assert plain.split('\n')[0].split() == ['epoch', 'train_loss', 'valid_loss', 'accuracy', 'time'] and len(plain.split('\n')) == 3, plain
+    bars = [o for o in outputs if 'application/vnd.jupyter.widget-view+json' in o.get('data', {})]
+    assert len(bars) == 1, f"{len(bars)} progress-bar widgets saved for one fit of 2 epochs (one bar per fit, reset per pass)"
     text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
     assert 'train_loss' not in text  # no text table besides the HTML one
 
