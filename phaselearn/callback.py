@@ -8,9 +8,8 @@ import re
 from fastcore.basics import camel2snake
 
 # %% auto #0
-__all__ = ['events', 'cancel_events', 'context_hooks', 'all_events', 'CancelBatchException', 'CancelStepException',
-           'CancelTrainException', 'CancelValidException', 'CancelEpochException', 'CancelFitException', 'Callback',
-           'sort_callbacks', 'TrainEvalCallback']
+__all__ = ['CancelBatchException', 'CancelStepException', 'CancelTrainException', 'CancelValidException', 'CancelEpochException',
+           'CancelFitException', 'Callback', 'sort_callbacks', 'TrainEvalCallback']
 
 # %% ../nbs/02_callback.ipynb #f709962c
 events = ['before_fit', 'before_epoch', 'before_train', 'before_batch', 'after_pred', 'after_loss',

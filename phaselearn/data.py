@@ -9,9 +9,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset, Sampler
 from .core import *
+from .core import derived_seed
 
 # %% auto #0
-__all__ = ['epoch_permutation', 'EpochSampler', 'TensorLoader', 'DataLoaders', 'set_loader_epoch', 'digits_tensors', 'digits_dls']
+__all__ = ['EpochSampler', 'TensorLoader', 'DataLoaders', 'digits_tensors', 'digits_dls']
 
 # %% ../nbs/01_data.ipynb #24899588
 def _draw_seed() -> int: return int(torch.randint(0, 2**62, (1,)).item())

@@ -4,14 +4,16 @@
 
 # %% ../nbs/07_learner.ipynb #5e68911b
 from __future__ import annotations
-import contextlib, functools, hashlib
+import contextlib, functools, hashlib, warnings
 from pathlib import Path
 import torch
 from torch import nn
 from fastcore.basics import camel2snake, patch
 from .core import *
+from .core import to_device, atomic_save
 from .data import *
 from .callback import *
+from .callback import all_events, context_hooks
 from .metrics import *
 from .recorder import *
 from .optimizer import *
@@ -45,6 +47,23 @@ def _partial_lr(opt_func):
         opt_func = opt_func.func
     return None
 
+def _check_loss_func(loss_func):
+    "Fail on a loss class (not an instance) or anything that cannot be called."
+    if isinstance(loss_func, type):
+        raise TypeError(f"loss_func is the class {loss_func.__name__}, not a loss: pass an instance, loss_func={loss_func.__name__}()")
+    if loss_func is not None and not callable(loss_func):
+        raise TypeError(f"loss_func must be a callable (pred, *targets) -> scalar tensor, e.g. nn.CrossEntropyLoss(); got {loss_func!r}")
+
+def _usable_device(device) -> torch.device:
+    "`torch.device(device)`, checked by allocating on it: a device this torch build or machine lacks fails here, saying so."
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, TypeError) as e:
+        raise ValueError(f"device={str(device)!r} cannot be used here ({e}): leave device=None for the best available "
+                         f"one ({default_device()}), or pass 'cpu'") from None
+    return device
+
 def _check_learner_args(dls, opt_func, lr, wd):
     "Fail on arguments a Learner cannot train with; return the learning rate to use (`lr=None`: the partial's, else 1e-3)."
     if dls is None or not hasattr(dls, 'train'):
@@ -71,12 +90,14 @@ class Learner:
                  device=None, default_cbs: bool = True):
         if not isinstance(model, nn.Module): raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(n_inp, int) or n_inp < 1: raise ValueError(f"n_inp must be a positive integer, got {n_inp!r}")
+        _check_loss_func(loss_func)
         lr = _check_learner_args(dls, opt_func, lr, wd)
         self.dls, self.loss_func, self.opt_func, self.lr, self.splitter, self.n_inp = dls, loss_func, opt_func, lr, splitter, n_inp
         self.wd, self.true_wd, self.bn_wd, self.bias_wd, self.train_bn = wd, true_wd, bn_wd, bias_wd, train_bn
         self.path, self.model_dir = Path(path), Path(model_dir)
-        self.metrics = [as_metric(m) for m in (metrics or [])]
-        self.device = torch.device(device) if device is not None else default_device()
+        if metrics is None or not isinstance(metrics, (list, tuple)): metrics = [] if metrics is None else [metrics]  # metrics=accuracy: one metric
+        self.metrics = [as_metric(m) for m in metrics]
+        self.device = _usable_device(device) if device is not None else default_device()
         self.model = model.to(self.device)
         self.opt, self.training, self.epoch, self.iter, self.n_iter = None, False, 0, 0, 0
         self.train_iter, self.total_iter, self.pct_train = 0, 0, 0.
@@ -144,6 +165,9 @@ def _sort_cbs(self: Learner):
     self.cbs = sort_callbacks(self.cbs)
     self._handlers = {event: [getattr(cb, event) for cb in self.cbs if getattr(type(cb), event, None) is not None]
                       for event in all_events + context_hooks}
+    # the Recorder writes the epoch's row before any other callback's after_epoch, whatever their order: every
+    # after_epoch reads this epoch's values in `recorder.values[-1]` (see the callbacks chapter)
+    self._handlers['after_epoch'].sort(key=lambda handler: not isinstance(handler.__self__, Recorder))
 
 # %% ../nbs/07_learner.ipynb #6d8bae17
 @patch
@@ -163,13 +187,21 @@ def _fit(self: Learner, epoch_lengths: list, start_epoch: int = 0, start_iter: i
     except CancelFitException: self('after_cancel_fit')
     finally: self('after_fit')
 
+def _loader_ran_short(dl, what: str, got: int, expected: int):
+    "A loader that yields fewer batches than its `len()` says would train or validate on less, silently: an error."
+    raise ValueError(f"the {what} loader yielded {got} batch{'es' if got != 1 else ''} where its len() promised {expected}: "
+                     f"its __len__ does not match what it yields ({type(dl).__name__}); an iterable whose len() is "
+                     f"wrong would leave the epoch's loss NaN or train on less than planned")
+
 @patch
 def _train_pass(self: Learner, n_batches: int, first: int = 0):
     self.dl, self.n_iter = self.dls.train, n_batches
     self._move_batches = getattr(self.dl, 'device', None) != self.device  # a loader already on our device: no copy
     try:
         self('before_train')
+        self.iter = first - 1
         for self.iter, batch in zip(range(first, n_batches), self.dl): self._do_batch(batch)
+        if self.iter + 1 < n_batches: _loader_ran_short(self.dl, 'training', self.iter + 1 - first, n_batches - first)
     except CancelTrainException: self('after_cancel_train')
     self('after_train')
 
@@ -179,8 +211,10 @@ def _valid_pass(self: Learner, dl):
     self._move_batches = getattr(dl, 'device', None) != self.device
     try:
         self('before_validate')
+        self.iter = -1
         with torch.no_grad():
             for self.iter, batch in enumerate(dl): self._do_batch(batch)
+        if self.iter + 1 < self.n_iter: _loader_ran_short(dl, 'validation', self.iter + 1, self.n_iter)
     except CancelValidException: self('after_cancel_validate')
     self('after_validate')
 
@@ -228,7 +262,11 @@ def compute_loss(self: Learner):
     except (RuntimeError, ValueError, IndexError, TypeError) as e:
         raise type(e)(f"loss_func failed on model output of shape {_shapes([self.pred])} and "
                       f"target(s) of shape {_shapes(self.yb)}: {e}") from e
-    if loss.ndim != 0:
+    try: ndim = loss.ndim
+    except AttributeError:
+        raise TypeError(f"loss_func must return a scalar tensor (so that the loss can be back-propagated), got "
+                        f"{type(loss).__name__} {loss!r}: compute it with torch operations on pred") from None
+    if ndim != 0:
         raise ValueError(f"loss_func must return a scalar, got shape {tuple(loss.shape)} "
                          f"(model output {_shapes([self.pred])}, targets {_shapes(self.yb)})")
     return loss
@@ -258,6 +296,17 @@ def _check_ready(self: Learner, dl=None):
     dl = self.dls.train if dl is None else dl
     if dl is None: raise ValueError("no training data: dls.train is None")
     if len(dl) == 0: raise ValueError("the training DataLoader is empty (0 batches): check the dataset size and bs")
+    if not any(p.requires_grad for p in self.model.parameters()):
+        raise ValueError("every parameter of the model has requires_grad=False (all frozen): there is nothing to train; "
+                         "learn.unfreeze() trains every layer group, or set requires_grad=True on the parameters to train")
+    opt = self.opt
+    if opt is not None and isinstance(getattr(opt, 'model', None), nn.Module):
+        target = getattr(self, 'opt_model', None) or self.model
+        if unwrap_model(opt.model) is not unwrap_model(target):  # `learn.model = new_model` after the optimizer was built
+            warnings.warn("learn.model was replaced after the optimizer was built (the optimizer holds the old model's "
+                          "parameters): building a new optimizer for the new model", UserWarning)
+            self.model.to(self.device)
+            self.create_opt()
 
 @patch
 def fit(self: Learner, n_epoch: int, lr=None, wd=None, cbs=None, reset_opt: bool = False, resume=None):

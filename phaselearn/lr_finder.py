@@ -18,7 +18,7 @@ from .learner import *
 from .phases import *
 
 # %% auto #0
-__all__ = ['SuggestedLRs', 'minimum', 'steep', 'valley', 'LRFinder', 'LearnerSnapshot', 'LRFindResult']
+__all__ = ['suggest_minimum', 'suggest_steep', 'suggest_valley', 'SuggestedLRs', 'LRFinder', 'LearnerSnapshot', 'LRFindResult']
 
 # %% ../nbs/09_lr_finder.ipynb #a8e7fd13
 def _usable(lrs, losses):
@@ -58,6 +58,11 @@ def valley(lrs, losses) -> float:
     bottom = int(np.argmax(length))
     top = int(start[bottom])
     return float(lrs[top + round(2 / 3 * (bottom - top))])
+
+# %% ../nbs/09_lr_finder.ipynb #8b4bf721
+suggest_minimum = minimum  # the public names (`from phaselearn.all import *`): the same functions
+suggest_steep = steep
+suggest_valley = valley
 
 # %% ../nbs/09_lr_finder.ipynb #eb1a3aea
 SuggestedLRs = namedtuple('SuggestedLRs', ['minimum', 'steep', 'valley'])

@@ -48,6 +48,10 @@ def _check_attrs_arg(attrs) -> dict:
         if not callable(value): _real_value(value, f"attrs[{path!r}]")
     return dict(attrs)
 
+def _is_number(text: str) -> bool:
+    try: float(text); return True
+    except ValueError: return False
+
 class TrainingPhase:
     "One phase of training: a length, optional data/bs/optimizer/loss, hyperparameters and attributes (constants or schedules)."
     def __init__(self, epochs=None, iters=None, dls=None, bs=None, opt_func=None, loss_func=None, loss_weights=None,
@@ -65,6 +69,11 @@ class TrainingPhase:
         self.epochs, self.iters, self.samples, self.dls, self.bs = epochs, iters, samples, dls, bs
         self.opt_func, self.loss_func, self.loss_weights, self.hypers = opt_func, loss_func, loss_weights, hypers
         self.attrs = _check_attrs_arg(attrs)
+        for name, value in hypers.items():  # a typo'd value fails here, not at the fit
+            if isinstance(value, (str, bytes)):
+                raise TypeError(f"TrainingPhase({name}={value!r}): a hyperparameter is a number, one value per layer group "
+                                f"(a list or a slice) or a schedule, not {type(value).__name__}"
+                                + (f" (write {name}={value})" if isinstance(value, str) and _is_number(value) else ""))
 
     def n_iters(self, epoch_len: int, bs: int | None = None) -> int:
         "Iterations of this phase when an epoch of its data is `epoch_len` batches of `bs` (`bs` is needed for `samples=`)."
@@ -607,7 +616,16 @@ def _with_wd(phases, wd):
 def fit_one_cycle(self: Learner, n_epoch, lr_max=None, div=25., div_final=1e5, pct_start=0.25,
                   moms=(0.95, 0.85, 0.95), wd=None, cbs=None, resume=None):
     "Train `n_epoch` epochs with the `OneCycle` policy."
-    policy = OneCycle(self.lr if lr_max is None else lr_max, div, div_final, pct_start, moms)
+    lr_max = self.lr if lr_max is None else lr_max
+    if isinstance(lr_max, (list, tuple, np.ndarray)):  # one value per layer group, as in `fit`
+        n_groups = (self.opt or self.create_opt()).n_groups
+        if len(lr_max) != n_groups:
+            raise ValueError(f"lr_max has {len(lr_max)} values, one per layer group, but the optimizer has {n_groups} layer "
+                             f"group(s): pass one number, slice(lo, hi) to spread it, or a splitter= that makes {len(lr_max)} groups")
+    if not isinstance(lr_max, slice) and np.all(np.asarray(lr_max, dtype=float) == 0):
+        raise ValueError("lr_max=0: the one-cycle schedule would be 0 throughout and train nothing; pass the peak learning "
+                         "rate (learn.lr_find() suggests one)")
+    policy = OneCycle(lr_max, div, div_final, pct_start, moms)
     self.fit_phases(_with_wd(policy.phases(n_epoch), wd), cbs=cbs, resume=resume)
 
 @patch
@@ -629,5 +647,8 @@ def fit_warmup_cosine(self: Learner, n_epoch, lr_max=None, warmup_pct=0.1, div_f
 @patch
 def plot_sched(self: Recorder, names=('lr', 'mom')):
     "Plot the hyperparameters (and tracked values such as scheduled attributes) recorded batch by batch during the last fit (one panel each)."
+    if not self._snapshots or self.learn.opt is None:
+        raise ValueError("plot_sched shows what the last fit recorded, and no training batch has been recorded yet: run a fit "
+                         "first (to see a plan before training, use learn.preview(phases).plot())")
     values = {name: self.hyper(name) for name in names if name in self.learn.opt.hyper_names or name in self.tracked}
     return plot_hypers(values)

@@ -12,8 +12,7 @@ from .callback import *
 from .learner import unwrap_model
 
 # %% auto #0
-__all__ = ['synthetic_text', 'char_stream', 'LMDataLoader', 'CharLM', 'lm_loss', 'RNNCallback', 'LossTerm', 'RNNRegularizer',
-           'rnn_cbs']
+__all__ = ['LMDataLoader', 'CharLM', 'lm_loss', 'RNNCallback', 'LossTerm', 'RNNRegularizer', 'rnn_cbs']
 
 # %% ../nbs/16_rnn.ipynb #b256e39a
 _SUBJECTS = ['the cat', 'the dog', 'a bird', 'my friend', 'the old man', 'a small child', 'the teacher']
