@@ -61,6 +61,12 @@ class Callback:
         pass
     def __repr__(self): return type(self).__name__
 
+def _cb_list(cbs) -> list:
+    "`cbs` as a list: None gives [], one callback (or callback class) gives [it], as `metrics=accuracy` gives one metric."
+    if cbs is None: return []
+    if isinstance(cbs, Callback) or (isinstance(cbs, type) and issubclass(cbs, Callback)): return [cbs]
+    return list(cbs)
+
 # %% ../nbs/02_callback.ipynb #dc03c903
 def _as_classes(o): return [] if o is None else list(o) if isinstance(o, (list, tuple)) else [o]
 

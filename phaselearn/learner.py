@@ -13,7 +13,7 @@ from .core import *
 from .core import to_device, atomic_save
 from .data import *
 from .callback import *
-from .callback import all_events, context_hooks
+from .callback import all_events, context_hooks, _cb_list
 from .metrics import *
 from .recorder import *
 from .optimizer import *
@@ -103,7 +103,7 @@ class Learner:
         self.train_iter, self.total_iter, self.pct_train = 0, 0, 0.
         self.cbs, self._handlers = [], {}
         base = [TrainEvalCallback()] + ([Recorder(), ProgressCallback()] if default_cbs else [])
-        self.add_cbs(base + list(cbs or []))
+        self.add_cbs(base + _cb_list(cbs))
 
     def __call__(self, event: str):
         "Run `event` on every callback that defines it, in order."
@@ -155,7 +155,7 @@ def remove_cbs(self: Learner, cbs):
 @contextlib.contextmanager
 def added_cbs(self: Learner, cbs):
     "Attach `cbs` for the duration of a `with` block, and detach them whatever happens."
-    cbs = [cb() if isinstance(cb, type) else cb for cb in (cbs or [])]
+    cbs = [cb() if isinstance(cb, type) else cb for cb in _cb_list(cbs)]
     self.add_cbs(cbs)
     try: yield self
     finally: self.remove_cbs(cbs)
@@ -326,7 +326,7 @@ def _run(self: Learner, epoch_lengths: list, cbs=None, resume=None):
         with self.added_cbs(cbs): return self._fit(epoch_lengths)
     from phaselearn.checkpoint import resume_from  # the checkpoint chapter builds on this one
     resumer = resume_from(self, resume, epoch_lengths)
-    with self.added_cbs(list(cbs or []) + [resumer]): self._fit(epoch_lengths, resumer.start_epoch, resumer.start_iter)
+    with self.added_cbs(_cb_list(cbs) + [resumer]): self._fit(epoch_lengths, resumer.start_epoch, resumer.start_iter)
 
 @patch
 def validate(self: Learner, dl=None, cbs=None) -> list:

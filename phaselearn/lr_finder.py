@@ -13,6 +13,7 @@ from fastcore.basics import patch
 from .core import *
 from .data import *
 from .callback import *
+from .callback import _cb_list
 from .schedule import *
 from .learner import *
 from .phases import *
@@ -312,7 +313,7 @@ def lr_find(self: Learner, start_lr=1e-7, end_lr=10, num_it: int = 100, stop_div
         schedule, ratios = _sweep_schedule(self.opt, start_lr, end_lr)
         self.remove_cbs([cb for cb in self.cbs if not getattr(cb, 'run_in_lr_find', True)])
         sweep = TrainingPhase(iters=num_it, dls=DataLoaders(train, None), lr=schedule)
-        with _TableOff(self): self.fit_phases([sweep], cbs=[finder] + list(cbs or []))
+        with _TableOff(self): self.fit_phases([sweep], cbs=[finder] + _cb_list(cbs))
     finally: snapshot.restore()
     result = LRFindResult(finder.lrs, finder.losses, num_it, finder.diverged, suggest_funcs, ratios)
     self.lr_find_result = result

@@ -98,7 +98,11 @@ class AvgMetric(Metric):
 
 # %% ../nbs/03_metrics.ipynb #701f5371
 def accuracy(pred, targ, axis: int = -1):
-    "Fraction of samples whose arg-max prediction equals the target."
+    "Fraction of samples whose arg-max prediction equals the target (`pred`: one score per class along `axis`)."
+    if pred.ndim < 2 or pred.shape[axis] < 2:  # an arg-max over one column (or over the batch) is a silent wrong answer
+        raise ValueError(f"accuracy compares the arg-max of one score per class (along axis {axis}) with the targets; got "
+                         f"predictions of shape {tuple(pred.shape)}: a model with one output is a regression or a binary "
+                         f"classifier with one logit, whose accuracy is ((pred > 0) == targ).float().mean()")
     return (pred.argmax(dim=axis) == targ).float().mean()
 
 def error_rate(pred, targ, axis: int = -1):
@@ -184,6 +188,9 @@ def as_metric(m) -> Metric:
         raise TypeError(f"metrics takes Metric objects or functions, got the class {m.__name__}: pass an instance, e.g. {m.__name__}()")
     if hasattr(m, 'as_metric'): return m.as_metric()
     if callable(m): return AvgMetric(m)
+    if isinstance(m, str):
+        raise TypeError(f"metrics must be functions or Metric objects, not names: got the str {m!r}"
+                        + (f"; pass the function itself, metrics=[{m}]" if m.isidentifier() else ""))
     raise TypeError(f"metrics must be Metric objects, torchmetrics metrics or functions (pred, *targets) -> value; got {m!r}")
 
 # %% ../nbs/03_metrics.ipynb #80ff1c90

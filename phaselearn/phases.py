@@ -17,6 +17,7 @@ from .schedule import *
 from .recorder import *
 from .learner import *
 from .data import _check_bs
+from .callback import _cb_list
 
 # %% auto #0
 __all__ = ['TrainingPhase', 'resolve_groups', 'Phases', 'plot_hypers', 'Preview', 'attr_target', 'PhaseScheduler',
@@ -514,16 +515,16 @@ def fit_phases(self: Learner, phases, cbs=None, resume=None):
     if self.opt is None: self.create_opt()
     lengths = _phase_lengths(self, phases)
     _check_plan(self, phases, lengths)  # every hyperparameter name and value, checked before training
-    _learner_preview(self, phases, lengths, list(cbs or []))  # every attribute path and value too
+    _learner_preview(self, phases, lengths, _cb_list(cbs))  # every attribute path and value too
     scheduler = PhaseScheduler(phases, lengths)
-    self._run([n for passes in lengths for n in passes], [scheduler] + list(cbs or []), resume)
+    self._run([n for passes in lengths for n in passes], [scheduler] + _cb_list(cbs), resume)
 
 @patch
 def preview(self: Learner, phases, cbs=None) -> Preview:
     "The exact per-iteration values (hyperparameters and attributes) `fit_phases(phases, cbs)` will use, from this learner's data, optimizer and attributes."
     phases = Phases(phases)
     if self.opt is None: self.create_opt()
-    return _learner_preview(self, phases, _phase_lengths(self, phases), list(cbs or []))
+    return _learner_preview(self, phases, _phase_lengths(self, phases), _cb_list(cbs))
 
 # %% ../nbs/08_phases.ipynb #0adfd816
 class OneCycle:

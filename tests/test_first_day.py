@@ -204,3 +204,18 @@ def test_cross_entropy_with_float_targets_names_the_shapes():
     learn = Learner(DataLoaders.from_tensors(x, y, x, y, bs=16), nn.Linear(8, 3), loss_func=nn.CrossEntropyLoss(),
                     default_cbs=False)
     with pytest.raises(RuntimeError, match=r'model output of shape \(16, 3\) and target\(s\) of shape \(16,\)'): learn.fit(1)
+
+
+def test_single_callback_without_a_list():
+    learn = regression_learner(cbs=EarlyStoppingCallback('mae'))
+    assert isinstance(learn.early_stopping, EarlyStoppingCallback)
+    tracker = TrackerCallback('mae')
+    learn.fit(1, cbs=tracker)
+    assert tracker.best_epoch == 0 and tracker not in learn.cbs
+
+
+def test_metric_by_name_and_accuracy_of_one_column():
+    with pytest.raises(TypeError, match=r"not names: got the str 'accuracy'; pass the function itself, metrics=\[accuracy\]"):
+        regression_learner(metrics=['accuracy'])
+    learn = regression_learner(metrics=[accuracy])     # one output column: an arg-max is always 0
+    with pytest.raises(ValueError, match=r'accuracy compares the arg-max .* got predictions of shape \(64, 1\)'): learn.fit(1)   # the validation batch
