@@ -50,6 +50,10 @@ class TensorLoader:
     def __init__(self, *tensors: torch.Tensor, bs: int = 64, shuffle: bool = False, drop_last: bool = False,
                  seed: int | None = None, device=None):
         if not tensors: raise ValueError("TensorLoader needs at least one tensor")
+        for i, t in enumerate(tensors):  # a numpy array would fail later, at the first batch, with an unrelated message
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"TensorLoader takes torch tensors; tensor {i} is a {type(t).__module__}.{type(t).__qualname__}: "
+                                f"convert it with torch.as_tensor (inputs usually as float32, the dtype of the model's weights)")
         n = len(tensors[0])
         if any(len(t) != n for t in tensors):
             raise ValueError(f"TensorLoader: tensors differ in length along dim 0: {[len(t) for t in tensors]}")

@@ -32,8 +32,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         elif isinstance(model, nn.parallel.DistributedDataParallel): model = model.module
         else: return model
 
+def _shape(o) -> str:
+    if hasattr(o, 'shape'): return str(tuple(o.shape))
+    if isinstance(o, (tuple, list)): return f"{type(o).__name__}({', '.join(_shape(x) for x in o)})"  # an RNN's (output, state)
+    return type(o).__name__
+
 def _shapes(items) -> str:
-    return ', '.join(str(tuple(o.shape)) if hasattr(o, 'shape') else type(o).__name__ for o in items)
+    return ', '.join(_shape(o) for o in items)
 
 class LoadError(ValueError):
     "A saved file that cannot be loaded: missing pieces, foreign or truncated."
@@ -259,7 +264,7 @@ def compute_loss(self: Learner):
         self._hooked_loss, self._set_progress = loss_func, getattr(loss_func, 'set_progress', None)
     if self._set_progress is not None: self._set_progress(self)  # a loss that follows training progress
     try: loss = loss_func(self.pred, *self.yb)
-    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+    except (RuntimeError, ValueError, IndexError, TypeError, AttributeError) as e:  # e.g. a tuple output: no .size
         raise type(e)(f"loss_func failed on model output of shape {_shapes([self.pred])} and "
                       f"target(s) of shape {_shapes(self.yb)}: {e}") from e
     try: ndim = loss.ndim

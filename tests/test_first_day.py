@@ -198,6 +198,25 @@ def test_first_callback_inside_lr_find():
     assert [row['epoch'] for row in cb.rows] == [0]
 
 
+class PrintValidLoss(Callback):
+    "The callbacks chapter's first callback (nbs/02_callback.ipynb, 'Your first callback'), as written there."
+    def after_epoch(self):
+        recorder = self.learn.recorder
+        row = dict(zip(recorder.names, recorder.values[-1]))   # this epoch's row, by column name
+        if 'valid_loss' in row:                                  # lr_find's sweep has no validation (below)
+            print(f"epoch {self.epoch}: valid_loss {row['valid_loss']:.4f}")
+
+
+def test_the_chapters_first_callback(capsys):
+    learn = regression_learner()
+    learn.fit(3, cbs=[PrintValidLoss()])
+    expected = [f"epoch {i}: valid_loss {v:.4f}" for i, v in enumerate(column(learn, 'valid_loss'))]
+    assert capsys.readouterr().out.splitlines() == expected
+    learn.add_cb(PrintValidLoss())
+    learn.lr_find(num_it=12, show_plot=False)                         # runs it, prints nothing, does not crash
+    assert capsys.readouterr().out == ''
+
+
 # Other day-one mistakes: the messages they give
 def test_cross_entropy_with_float_targets_names_the_shapes():
     x, y = torch.randn(64, 8), torch.randint(0, 3, (64,)).float()
@@ -219,3 +238,20 @@ def test_metric_by_name_and_accuracy_of_one_column():
         regression_learner(metrics=['accuracy'])
     learn = regression_learner(metrics=[accuracy])     # one output column: an arg-max is always 0
     with pytest.raises(ValueError, match=r'accuracy compares the arg-max .* got predictions of shape \(64, 1\)'): learn.fit(1)   # the validation batch
+
+
+def test_numpy_arrays_into_the_loader():
+    x, y = np.random.randn(64, 3).astype('float32'), np.random.randn(64, 1).astype('float32')
+    with pytest.raises(TypeError, match=r'tensor 0 is a numpy.ndarray: convert it with torch.as_tensor'):
+        DataLoaders.from_tensors(x, y, x, y)
+
+
+def test_tuple_output_names_its_structure():
+    class RNNLike(nn.Module):   # returns (output, state), as nn.LSTM does
+        def __init__(self): super().__init__(); self.lin = nn.Linear(3, 1)
+        def forward(self, x): return self.lin(x), (x[:1], x[:1])
+    learn = regression_learner()
+    learn.model = RNNLike()
+    with pytest.raises(AttributeError, match=r'model output of shape tuple\(\(32, 1\), tuple\(\(1, 3\), \(1, 3\)\)\) '
+                                             r'and target\(s\) of shape \(32, 1\)'):
+        learn.fit(1)
