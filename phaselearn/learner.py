@@ -306,10 +306,14 @@ def _check_ready(self: Learner, dl=None):
                          "learn.unfreeze() trains every layer group, or set requires_grad=True on the parameters to train")
     opt = self.opt
     if opt is not None and isinstance(getattr(opt, 'model', None), nn.Module):
-        target = getattr(self, 'opt_model', None) or self.model
-        if unwrap_model(opt.model) is not unwrap_model(target):  # `learn.model = new_model` after the optimizer was built
-            warnings.warn("learn.model was replaced after the optimizer was built (the optimizer holds the old model's "
-                          "parameters): building a new optimizer for the new model", UserWarning)
+        target = unwrap_model(getattr(self, 'opt_model', None) or self.model)
+        held = {id(p) for group in opt.param_groups for p in group['params']}
+        # `learn.model = new_model`, or `learn.model.head = new_layer`, after the optimizer was built: the new parameters
+        # would never be stepped. Checked once per fit (a set of ids), not per batch.
+        if unwrap_model(opt.model) is not target or any(id(p) not in held for p in target.parameters()):
+            warnings.warn("learn.model was replaced (or a layer of it) after the optimizer was built, so the optimizer does "
+                          "not hold all of the model's parameters: building a new optimizer for the model as it is now "
+                          "(the old optimizer's state is dropped)", UserWarning)
             self.model.to(self.device)
             self.create_opt()
 

@@ -16,8 +16,8 @@ def regression_learner(lr=0.05, bs=32, metrics=(mae,), **kwargs):
     x = torch.randn(256, 3)
     y = x @ torch.tensor([[1.5], [-2.], [0.5]]) + 0.3 + 0.05 * torch.randn(256, 1)
     dls = DataLoaders.from_tensors(x[:192], y[:192], x[192:], y[192:], bs=bs)
-    learn = Learner(dls, nn.Linear(3, 1), loss_func=nn.MSELoss(), opt_func=torch.optim.SGD, lr=lr,
-                    metrics=metrics, **kwargs)
+    model = kwargs.pop('model', None) or nn.Linear(3, 1)
+    learn = Learner(dls, model, loss_func=nn.MSELoss(), opt_func=torch.optim.SGD, lr=lr, metrics=metrics, **kwargs)
     learn.progress.show_bar = learn.progress.show_table = False
     return learn
 
@@ -161,6 +161,18 @@ def test_model_reassigned_after_the_optimizer_exists():
     with warnings.catch_warnings():
         warnings.simplefilter('error'); learn.fit(1)              # the same model again: no warning, same optimizer
 
+
+
+def test_layer_replaced_after_the_optimizer_exists():
+    "The same mistake one level down: `learn.model[1] = nn.Linear(...)` (a new head) after a fit."
+    learn = regression_learner(model=nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)))
+    learn.fit(1)
+    learn.model[1] = head = nn.Linear(4, 1)
+    start = head.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r'learn.model was replaced \(or a layer of it\)'): learn.fit(1)
+    assert not torch.equal(start, head.weight)                      # the new head trains
+    held = {id(p) for group in learn.opt.param_groups for p in group['params']}
+    assert all(id(p) in held for p in learn.model.parameters())
 
 # 4. A single metric
 def test_single_metric():
