@@ -264,8 +264,8 @@ def compute_loss(self: Learner):
         self._hooked_loss, self._set_progress = loss_func, getattr(loss_func, 'set_progress', None)
     if self._set_progress is not None: self._set_progress(self)  # a loss that follows training progress
     try: loss = loss_func(self.pred, *self.yb)
-    except (RuntimeError, ValueError, IndexError, TypeError, AttributeError) as e:  # e.g. a tuple output: no .size
-        raise type(e)(f"loss_func failed on model output of shape {_shapes([self.pred])} and "
+    except (RuntimeError, ValueError, IndexError, TypeError, AttributeError, UserWarning) as e:  # a tuple output: no .size
+        raise (ValueError if isinstance(e, UserWarning) else type(e))(f"loss_func failed on model output of shape {_shapes([self.pred])} and "
                       f"target(s) of shape {_shapes(self.yb)}: {e}") from e
     try: ndim = loss.ndim
     except AttributeError:
@@ -328,14 +328,22 @@ def fit(self: Learner, n_epoch: int, lr=None, wd=None, cbs=None, reset_opt: bool
     if wd is not None: self.opt.set_hyper('wd', wd)
     self._run([len(self.dls.train)] * n_epoch, cbs, resume)
 
+@contextlib.contextmanager
+def _broadcast_loss_is_an_error():
+    "torch's warning that a loss broadcasts targets of another shape (`MSELoss` on (N, 1) and (N,)) becomes an error for a fit's duration."
+    with warnings.catch_warnings():  # once per fit or validate, not per batch; the result would be silently wrong
+        warnings.filterwarnings('error', message=r'Using a target size .* different to the input size', category=UserWarning)
+        yield
+
 @patch
 def _run(self: Learner, epoch_lengths: list, cbs=None, resume=None):
     "`_fit` with `cbs` attached for its duration; `resume`: a checkpoint name or path to continue from."
     if resume is None:
-        with self.added_cbs(cbs): return self._fit(epoch_lengths)
+        with self.added_cbs(cbs), _broadcast_loss_is_an_error(): return self._fit(epoch_lengths)
     from phaselearn.checkpoint import resume_from  # the checkpoint chapter builds on this one
     resumer = resume_from(self, resume, epoch_lengths)
-    with self.added_cbs(_cb_list(cbs) + [resumer]): self._fit(epoch_lengths, resumer.start_epoch, resumer.start_iter)
+    with self.added_cbs(_cb_list(cbs) + [resumer]), _broadcast_loss_is_an_error():
+        self._fit(epoch_lengths, resumer.start_epoch, resumer.start_iter)
 
 @patch
 def validate(self: Learner, dl=None, cbs=None) -> list:
@@ -343,7 +351,7 @@ def validate(self: Learner, dl=None, cbs=None) -> list:
     dl = self.dls.valid if dl is None else dl
     if dl is None: raise ValueError("nothing to validate on: dls.valid is None and no dl was given")
     if self.loss_func is None: raise ValueError("this Learner has no loss_func: pass loss_func= to Learner")
-    with self.added_cbs(cbs):
+    with self.added_cbs(cbs), _broadcast_loss_is_an_error():
         try: self._valid_pass(dl)
         finally: self.model.eval()
     return self.recorder.last_valid

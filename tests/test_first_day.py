@@ -267,3 +267,15 @@ def test_tuple_output_names_its_structure():
     with pytest.raises(AttributeError, match=r'model output of shape tuple\(\(32, 1\), tuple\(\(1, 3\), \(1, 3\)\)\) '
                                              r'and target\(s\) of shape \(32, 1\)'):
         learn.fit(1)
+
+
+def test_loss_that_broadcasts_is_an_error():
+    "MSELoss on outputs (N, 1) and targets (N,) compares every output with every target: torch only warns."
+    learn = regression_learner()
+    x, y = learn.dls.train.tensors
+    learn.dls = DataLoaders.from_tensors(x, y[:, 0], x, y[:, 0], bs=32)   # targets of shape (N,)
+    with pytest.raises(ValueError, match=r'model output of shape \(32, 1\) and target\(s\) of shape \(32,\): Using a target size'):
+        learn.fit(1)
+    with pytest.raises(ValueError, match='Using a target size'): learn.validate()
+    with pytest.warns(UserWarning, match='Using a target size'):   # outside a fit torch's warning is left alone
+        torch.nn.functional.mse_loss(torch.zeros(2, 1), torch.zeros(2))
