@@ -103,7 +103,11 @@ def accuracy(pred, targ, axis: int = -1):
         raise ValueError(f"accuracy compares the arg-max of one score per class (along axis {axis}) with the targets; got "
                          f"predictions of shape {tuple(pred.shape)}: a model with one output is a regression or a binary "
                          f"classifier with one logit, whose accuracy is ((pred > 0) == targ).float().mean()")
-    return (pred.argmax(dim=axis) == targ).float().mean()
+    pred = pred.argmax(dim=axis)
+    if pred.shape != targ.shape:  # targets of shape (N, 1) would broadcast to an (N, N) comparison: a wrong number, silently
+        raise ValueError(f"accuracy compares the predicted classes, of shape {tuple(pred.shape)}, with targets of shape "
+                         f"{tuple(targ.shape)}; they must match (class indices, one per sample: e.g. targ.squeeze(-1))")
+    return (pred == targ).float().mean()
 
 def error_rate(pred, targ, axis: int = -1):
     "1 - accuracy."

@@ -279,3 +279,11 @@ def test_loss_that_broadcasts_is_an_error():
     with pytest.raises(ValueError, match='Using a target size'): learn.validate()
     with pytest.warns(UserWarning, match='Using a target size'):   # outside a fit torch's warning is left alone
         torch.nn.functional.mse_loss(torch.zeros(2, 1), torch.zeros(2))
+
+
+def test_accuracy_with_targets_of_another_shape():
+    "Targets of shape (N, 1) (a table's column) against predictions (N, C): the comparison would broadcast to (N, N)."
+    pred, targ = torch.tensor([[2., 0.], [0., 2.], [2., 0.]]), torch.tensor([[0], [1], [1]])
+    with pytest.raises(ValueError, match=r'predicted classes, of shape \(3,\), with targets of shape \(3, 1\)'):
+        accuracy(pred, targ)
+    assert accuracy(pred, targ[:, 0]) == pytest.approx(2 / 3)
