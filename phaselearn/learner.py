@@ -77,6 +77,10 @@ def _check_learner_args(dls, opt_func, lr, wd):
     if not callable(opt_func):
         hint = (f": pass the class, e.g. torch.optim.{opt_func.capitalize() if opt_func.lower() != 'adamw' else 'AdamW'}"
                 if isinstance(opt_func, str) else "")
+        if isinstance(opt_func, torch.optim.Optimizer):  # its repr is a page of hyperparameters: name the class instead
+            raise TypeError(f"opt_func must be a torch.optim optimizer class or a callable(params, **hypers), got an optimizer "
+                            f"already built ({type(opt_func).__name__}): pass the class, opt_func=torch.optim."
+                            f"{type(opt_func).__name__} (the learner builds it over the model's parameters, with lr=, wd=)")
         raise TypeError(f"opt_func must be a torch.optim optimizer class or a callable(params, **hypers), got "
                         f"{type(opt_func).__name__} {opt_func!r}{hint}")
     if lr is None: lr = _partial_lr(opt_func)
@@ -301,6 +305,8 @@ def _check_ready(self: Learner, dl=None):
     dl = self.dls.train if dl is None else dl
     if dl is None: raise ValueError("no training data: dls.train is None")
     if len(dl) == 0: raise ValueError("the training DataLoader is empty (0 batches): check the dataset size and bs")
+    if next(iter(self.model.parameters()), None) is None:
+        raise ValueError(f"the model ({type(unwrap_model(self.model)).__name__}) has no parameters: there is nothing to train")
     if not any(p.requires_grad for p in self.model.parameters()):
         raise ValueError("every parameter of the model has requires_grad=False (all frozen): there is nothing to train; "
                          "learn.unfreeze() trains every layer group, or set requires_grad=True on the parameters to train")

@@ -17,7 +17,8 @@ def regression_learner(lr=0.05, bs=32, metrics=(mae,), **kwargs):
     y = x @ torch.tensor([[1.5], [-2.], [0.5]]) + 0.3 + 0.05 * torch.randn(256, 1)
     dls = DataLoaders.from_tensors(x[:192], y[:192], x[192:], y[192:], bs=bs)
     model = kwargs.pop('model', None) or nn.Linear(3, 1)
-    learn = Learner(dls, model, loss_func=nn.MSELoss(), opt_func=torch.optim.SGD, lr=lr, metrics=metrics, **kwargs)
+    kwargs.setdefault('opt_func', torch.optim.SGD)
+    learn = Learner(dls, model, loss_func=nn.MSELoss(), lr=lr, metrics=metrics, **kwargs)
     learn.progress.show_bar = learn.progress.show_table = False
     return learn
 
@@ -287,3 +288,11 @@ def test_accuracy_with_targets_of_another_shape():
     with pytest.raises(ValueError, match=r'predicted classes, of shape \(3,\), with targets of shape \(3, 1\)'):
         accuracy(pred, targ)
     assert accuracy(pred, targ[:, 0]) == pytest.approx(2 / 3)
+
+
+def test_optimizer_instance_and_model_without_parameters():
+    with pytest.raises(TypeError, match=r'got an optimizer already built \(Adam\): pass the class, opt_func=torch.optim.Adam'):
+        regression_learner(opt_func=torch.optim.Adam(nn.Linear(3, 1).parameters()))
+    learn = regression_learner()
+    learn.model = nn.Identity()
+    with pytest.raises(ValueError, match=r'the model \(Identity\) has no parameters'): learn.fit(1)
