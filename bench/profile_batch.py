@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from overhead import (mlp, mlp_data, make_learner, phaselearn_fit, discard_output, HandGather, LR_MAX, DIV, DIV_FINAL,
                       PCT_START, MOMS)
 from phaselearn.all import *
+from phaselearn.core import to_device
 
 
 def per_call_us(fn, number=3000, repeat=5):

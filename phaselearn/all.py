@@ -1,4 +1,8 @@
-"Everything public: `from phaselearn.all import *`. The one hand-kept file of the package."
+"""The user's API: `from phaselearn.all import *`. The one hand-kept file of the package.
+
+Each module's `__all__` is its user API; helpers the package uses internally are exported with `#| exporti` (importable
+from their module, not star-imported). The docs-site tooling (`phaselearn.docs`) is the project's build tooling, not the
+user's API: it is not imported here. tests/test_public_api.py holds the documented list this namespace must match."""
 from .core import *
 from .data import *
 from .callback import *
@@ -18,6 +22,5 @@ from .loss import *
 from .distributed import *
 from .tracking import *
 from .demo import *
-from .docs import *
 from .compile import *
 from .fsdp import *

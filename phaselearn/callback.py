@@ -9,9 +9,8 @@ import torch
 from fastcore.basics import camel2snake
 
 # %% auto #0
-__all__ = ['events', 'cancel_events', 'context_hooks', 'all_events', 'CancelBatchException', 'CancelStepException',
-           'CancelTrainException', 'CancelValidException', 'CancelEpochException', 'CancelFitException', 'Callback',
-           'sort_callbacks', 'TrainEvalCallback']
+__all__ = ['CancelBatchException', 'CancelStepException', 'CancelTrainException', 'CancelValidException', 'CancelEpochException',
+           'CancelFitException', 'Callback', 'sort_callbacks', 'TrainEvalCallback']
 
 # %% ../nbs/02_callback.ipynb #f709962c
 events = ['before_fit', 'before_epoch', 'before_train', 'before_batch', 'after_pred', 'after_loss',
@@ -62,6 +61,12 @@ class Callback:
         "Put back a state taken by `state_dict` (nothing to do by default)."
         pass
     def __repr__(self): return type(self).__name__
+
+def _cb_list(cbs) -> list:
+    "`cbs` as a list: None gives [], one callback (or callback class) gives [it], as `metrics=accuracy` gives one metric."
+    if cbs is None: return []
+    if isinstance(cbs, Callback) or (isinstance(cbs, type) and issubclass(cbs, Callback)): return [cbs]
+    return list(cbs)
 
 # %% ../nbs/02_callback.ipynb #dc03c903
 def _as_classes(o): return [] if o is None else list(o) if isinstance(o, (list, tuple)) else [o]

@@ -10,15 +10,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler, BatchSampler
 from .core import *
+from .core import document_params
+from .core import atomic_save
 from .data import *
+from .data import set_loader_epoch
 from .callback import *
 from .learner import *
 from .learner import _check_weights
 from .phases import PhaseScheduler
 
 # %% auto #0
-__all__ = ['CHECKPOINT_VERSION', 'loader_epoch', 'loader_replay_state', 'ReplayLoader', 'clean_partial_writes',
-           'checkpoint_files', 'CheckpointCallback', 'read_checkpoint', 'ResumeCallback', 'resume_from']
+__all__ = ['CHECKPOINT_VERSION', 'clean_partial_writes', 'checkpoint_files', 'CheckpointCallback', 'read_checkpoint',
+           'ResumeCallback', 'resume_from']
 
 # %% ../nbs/19_checkpoint.ipynb #f693e72c
 def loader_epoch(dl) -> int | None:

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['PARAMS_HEADER', 'set_seed', 'rng_state_dict', 'load_rng_state_dict', 'derived_seed', 'default_device', 'to_device',
-           'is_distributed', 'rank_and_world_size', 'is_main_process', 'atomic_save', 'document_params', 'public_name']
+__all__ = ['set_seed', 'rng_state_dict', 'load_rng_state_dict', 'default_device', 'is_distributed', 'rank_and_world_size',
+           'is_main_process']
 
 # %% ../nbs/00_core.ipynb #e9fa0223
 def set_seed(seed: int, deterministic: bool = False):

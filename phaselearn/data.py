@@ -9,9 +9,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset, Sampler
 from .core import *
+from .core import document_params
+from .core import derived_seed
 
 # %% auto #0
-__all__ = ['epoch_permutation', 'EpochSampler', 'TensorLoader', 'DataLoaders', 'set_loader_epoch', 'digits_tensors', 'digits_dls']
+__all__ = ['EpochSampler', 'TensorLoader', 'DataLoaders', 'digits_tensors', 'digits_dls']
 
 # %% ../nbs/01_data.ipynb #24899588
 def _draw_seed() -> int: return int(torch.randint(0, 2**62, (1,)).item())
@@ -57,6 +59,10 @@ class TensorLoader:
                  seed: int | None = None,  # seed of the orders (None: drawn from torch's global generator)
                  device=None):  # move the tensors there once, at construction (None: where they are)
         if not tensors: raise ValueError("TensorLoader needs at least one tensor")
+        for i, t in enumerate(tensors):  # a numpy array would fail later, at the first batch, with an unrelated message
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"TensorLoader takes torch tensors; tensor {i} is a {type(t).__module__}.{type(t).__qualname__}: "
+                                f"convert it with torch.as_tensor (inputs usually as float32, the dtype of the model's weights)")
         n = len(tensors[0])
         if any(len(t) != n for t in tensors):
             raise ValueError(f"TensorLoader: tensors differ in length along dim 0: {[len(t) for t in tensors]}")

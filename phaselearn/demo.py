@@ -15,7 +15,7 @@ from .learner import *
 from .phases import *
 
 # %% auto #0
-__all__ = ['digits_model', 'train_digits', 'digits_cli']
+__all__ = ['digits_model', 'train_digits']
 
 # %% ../nbs/11_demo.ipynb #8ed69e87
 def digits_model(hidden: int = 256, dropout: float = 0.2) -> nn.Module:

@@ -11,15 +11,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, SequentialSampler
 from .core import *
+from .core import document_params
 from .data import *
-from .data import _with_bs
+from .data import _with_bs, epoch_permutation, set_loader_epoch
 from .callback import *
 from .metrics import *
+from .metrics import weighted_mean
 from .recorder import *
 
 # %% auto #0
-__all__ = ['setup_distributed', 'teardown_distributed', 'distributed_job', 'DistributedLoader', 'reduce_metric_accumulators',
-           'DistributedCallback', 'spawn_gloo']
+__all__ = ['setup_distributed', 'teardown_distributed', 'distributed_job', 'DistributedLoader', 'DistributedCallback']
 
 # %% ../nbs/17_distributed.ipynb #c2e40c77
 def setup_distributed(backend: str | None = None, timeout: float | None = None) -> bool:

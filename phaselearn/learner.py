@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_learner.ipynb #5e68911b
 from __future__ import annotations
-import contextlib, functools, hashlib, inspect
+import contextlib, functools, hashlib, inspect, warnings
 from collections.abc import Mapping
 import xxhash
 from pathlib import Path
@@ -12,11 +12,15 @@ import torch
 from torch import nn
 from fastcore.basics import camel2snake, patch
 from .core import *
+from .core import document_params
+from .core import to_device, atomic_save
 from .data import *
 from .callback import *
+from .callback import all_events, context_hooks, _cb_list
 from .metrics import *
 from .recorder import *
 from .optimizer import *
+from .optimizer import _check_no_decay
 
 # %% auto #0
 __all__ = ['FORMAT_VERSION', 'unwrap_model', 'Learner', 'GatherPreds', 'in_dataset_order', 'TrainingProgress', 'LoadError',
@@ -33,8 +37,13 @@ def unwrap_model(model: nn.Module  # a model, possibly wrapped by `torch.compile
         elif isinstance(model, nn.parallel.DistributedDataParallel): model = model.module
         else: return model
 
+def _shape(o) -> str:
+    if hasattr(o, 'shape'): return str(tuple(o.shape))
+    if isinstance(o, (tuple, list)): return f"{type(o).__name__}({', '.join(_shape(x) for x in o)})"  # an RNN's (output, state)
+    return type(o).__name__
+
 def _shapes(items) -> str:
-    return ', '.join(str(tuple(o.shape)) if hasattr(o, 'shape') else type(o).__name__ for o in items)
+    return ', '.join(_shape(o) for o in items)
 
 FORMAT_VERSION = 1
 
@@ -46,6 +55,23 @@ def _partial_lr(opt_func):
         opt_func = opt_func.func
     return None
 
+def _check_loss_func(loss_func):
+    "Fail on a loss class (not an instance) or anything that cannot be called."
+    if isinstance(loss_func, type):
+        raise TypeError(f"loss_func is the class {loss_func.__name__}, not a loss: pass an instance, loss_func={loss_func.__name__}()")
+    if loss_func is not None and not callable(loss_func):
+        raise TypeError(f"loss_func must be a callable (pred, *targets) -> scalar tensor, e.g. nn.CrossEntropyLoss(); got {loss_func!r}")
+
+def _usable_device(device) -> torch.device:
+    "`torch.device(device)`, checked by allocating on it: a device this torch build or machine lacks fails here, saying so."
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, TypeError) as e:
+        raise ValueError(f"device={str(device)!r} cannot be used here ({e}): leave device=None for the best available "
+                         f"one ({default_device()}), or pass 'cpu'") from None
+    return device
+
 def _check_learner_args(dls, opt_func, lr, wd):
     "Fail on arguments a Learner cannot train with; return the learning rate to use (`lr=None`: the partial's, else 1e-3)."
     if dls is None or not hasattr(dls, 'train'):
@@ -54,6 +80,10 @@ def _check_learner_args(dls, opt_func, lr, wd):
     if not callable(opt_func):
         hint = (f": pass the class, e.g. torch.optim.{opt_func.capitalize() if opt_func.lower() != 'adamw' else 'AdamW'}"
                 if isinstance(opt_func, str) else "")
+        if isinstance(opt_func, torch.optim.Optimizer):  # its repr is a page of hyperparameters: name the class instead
+            raise TypeError(f"opt_func must be a torch.optim optimizer class or a callable(params, **hypers), got an optimizer "
+                            f"already built ({type(opt_func).__name__}): pass the class, opt_func=torch.optim."
+                            f"{type(opt_func).__name__} (the learner builds it over the model's parameters, with lr=, wd=)")
         raise TypeError(f"opt_func must be a torch.optim optimizer class or a callable(params, **hypers), got "
                         f"{type(opt_func).__name__} {opt_func!r}{hint}")
     if lr is None: lr = _partial_lr(opt_func)
@@ -91,21 +121,23 @@ class Learner:
                 ):
         if not isinstance(model, nn.Module): raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(n_inp, int) or n_inp < 1: raise ValueError(f"n_inp must be a positive integer, got {n_inp!r}")
+        _check_loss_func(loss_func)
         lr = _check_learner_args(dls, opt_func, lr, wd)
         if not isinstance(label_key, str): raise TypeError(f"label_key must be the str key of the targets in a dict batch, got {label_key!r}")
-        check_no_decay(no_decay, bn_wd, bias_wd)
+        _check_no_decay(no_decay, bn_wd, bias_wd)
         self.no_decay, self.label_key, self._kw_batch = no_decay, label_key, False
         self.dls, self.loss_func, self.opt_func, self.lr, self.splitter, self.n_inp = dls, loss_func, opt_func, lr, splitter, n_inp
         self.wd, self.true_wd, self.bn_wd, self.bias_wd, self.train_bn = wd, true_wd, bn_wd, bias_wd, train_bn
         self.path, self.model_dir = Path(path), Path(model_dir)
-        self.metrics = [as_metric(m) for m in (metrics or [])]
-        self.device = torch.device(device) if device is not None else default_device()
+        if metrics is None or not isinstance(metrics, (list, tuple)): metrics = [] if metrics is None else [metrics]  # metrics=accuracy: one metric
+        self.metrics = [as_metric(m) for m in metrics]
+        self.device = _usable_device(device) if device is not None else default_device()
         self.model = model.to(self.device)
         self.opt, self.training, self.epoch, self.iter, self.n_iter = None, False, 0, 0, 0
         self.train_iter, self.total_iter, self.pct_train = 0, 0, 0.
         self.cbs, self._handlers = [], {}
         base = [TrainEvalCallback()] + ([Recorder(), ProgressCallback()] if default_cbs else [])
-        self.add_cbs(base + list(cbs or []))
+        self.add_cbs(base + _cb_list(cbs))
 
     def __call__(self, event: str):
         "Run `event` on every callback that defines it, in order."
@@ -162,7 +194,7 @@ def remove_cbs(self: Learner,
 def added_cbs(self: Learner,
               cbs):  # callbacks (instances, or classes to make) attached for the `with` block only
     "Attach `cbs` for the duration of a `with` block, and detach them whatever happens."
-    cbs = [cb() if isinstance(cb, type) else cb for cb in (cbs or [])]
+    cbs = [cb() if isinstance(cb, type) else cb for cb in _cb_list(cbs)]
     self.add_cbs(cbs)
     try: yield self
     finally: self.remove_cbs(cbs)
@@ -172,6 +204,9 @@ def _sort_cbs(self: Learner):
     self.cbs = sort_callbacks(self.cbs)
     self._handlers = {event: [getattr(cb, event) for cb in self.cbs if getattr(type(cb), event, None) is not None]
                       for event in all_events + context_hooks}
+    # the Recorder writes the epoch's row before any other callback's after_epoch, whatever their order: every
+    # after_epoch reads this epoch's values in `recorder.values[-1]` (see the callbacks chapter)
+    self._handlers['after_epoch'].sort(key=lambda handler: not isinstance(handler.__self__, Recorder))
 
 # %% ../nbs/07_learner.ipynb #6d8bae17
 @patch
@@ -191,13 +226,21 @@ def _fit(self: Learner, epoch_lengths: list, start_epoch: int = 0, start_iter: i
     except CancelFitException: self('after_cancel_fit')
     finally: self('after_fit')
 
+def _loader_ran_short(dl, what: str, got: int, expected: int):
+    "A loader that yields fewer batches than its `len()` says would train or validate on less, silently: an error."
+    raise ValueError(f"the {what} loader yielded {got} batch{'es' if got != 1 else ''} where its len() promised {expected}: "
+                     f"its __len__ does not match what it yields ({type(dl).__name__}); an iterable whose len() is "
+                     f"wrong would leave the epoch's loss NaN or train on less than planned")
+
 @patch
 def _train_pass(self: Learner, n_batches: int, first: int = 0):
     self.dl, self.n_iter = self.dls.train, n_batches
     self._move_batches = getattr(self.dl, 'device', None) != self.device  # a loader already on our device: no copy
     try:
         self('before_train')
+        self.iter = first - 1
         for self.iter, batch in zip(range(first, n_batches), self.dl): self._do_batch(batch)
+        if self.iter + 1 < n_batches: _loader_ran_short(self.dl, 'training', self.iter + 1 - first, n_batches - first)
     except CancelTrainException: self('after_cancel_train')
     self('after_train')
 
@@ -207,8 +250,10 @@ def _valid_pass(self: Learner, dl):
     self._move_batches = getattr(dl, 'device', None) != self.device
     try:
         self('before_validate')
+        self.iter = -1
         with torch.no_grad(), self._contexts('validate_context'):  # entered once per pass (autocast, ...)
             for self.iter, batch in enumerate(dl): self._do_batch(batch)
+        if self.iter + 1 < self.n_iter: _loader_ran_short(dl, 'validation', self.iter + 1, self.n_iter)
     except CancelValidException: self('after_cancel_validate')
     self('after_validate')
 
@@ -260,10 +305,14 @@ def compute_loss(self: Learner):
         self._hooked_loss, self._set_progress = loss_func, getattr(loss_func, 'set_progress', None)
     if self._set_progress is not None: self._set_progress(self)  # a loss that follows training progress
     try: loss = loss_func(self.pred, *self.yb)
-    except (RuntimeError, ValueError, IndexError, TypeError) as e:
-        raise type(e)(f"loss_func failed on model output of shape {_shapes([self.pred])} and "
+    except (RuntimeError, ValueError, IndexError, TypeError, AttributeError, UserWarning) as e:  # a tuple output: no .size
+        raise (ValueError if isinstance(e, UserWarning) else type(e))(f"loss_func failed on model output of shape {_shapes([self.pred])} and "
                       f"target(s) of shape {_shapes(self.yb)}: {e}") from e
-    if loss.ndim != 0:
+    try: ndim = loss.ndim
+    except AttributeError:
+        raise TypeError(f"loss_func must return a scalar tensor (so that the loss can be back-propagated), got "
+                        f"{type(loss).__name__} {loss!r}: compute it with torch operations on pred") from None
+    if ndim != 0:
         raise ValueError(f"loss_func must return a scalar, got shape {tuple(loss.shape)} "
                          f"(model output {_shapes([self.pred])}, targets {_shapes(self.yb)})")
     return loss
@@ -319,6 +368,23 @@ def _check_ready(self: Learner, dl=None):
     dl = self.dls.train if dl is None else dl
     if dl is None: raise ValueError("no training data: dls.train is None")
     if len(dl) == 0: raise ValueError("the training DataLoader is empty (0 batches): check the dataset size and bs")
+    if next(iter(self.model.parameters()), None) is None:
+        raise ValueError(f"the model ({type(unwrap_model(self.model)).__name__}) has no parameters: there is nothing to train")
+    if not any(p.requires_grad for p in self.model.parameters()):
+        raise ValueError("every parameter of the model has requires_grad=False (all frozen): there is nothing to train; "
+                         "learn.unfreeze() trains every layer group, or set requires_grad=True on the parameters to train")
+    opt = self.opt
+    if opt is not None and isinstance(getattr(opt, 'model', None), nn.Module):
+        target = unwrap_model(getattr(self, 'opt_model', None) or self.model)
+        held = {id(p) for group in opt.param_groups for p in group['params']}
+        # `learn.model = new_model`, or `learn.model.head = new_layer`, after the optimizer was built: the new parameters
+        # would never be stepped. Checked once per fit (a set of ids), not per batch.
+        if unwrap_model(opt.model) is not target or any(id(p) not in held for p in target.parameters()):
+            warnings.warn("learn.model was replaced (or a layer of it) after the optimizer was built, so the optimizer does "
+                          "not hold all of the model's parameters: building a new optimizer for the model as it is now "
+                          "(the old optimizer's state is dropped)", UserWarning)
+            self.model.to(self.device)
+            self.create_opt()
 
 @patch
 @document_params
@@ -339,14 +405,22 @@ def fit(self: Learner,
     if wd is not None: self.opt.set_hyper('wd', wd)
     self._run([len(self.dls.train)] * n_epoch, cbs, resume)
 
+@contextlib.contextmanager
+def _broadcast_loss_is_an_error():
+    "torch's warning that a loss broadcasts targets of another shape (`MSELoss` on (N, 1) and (N,)) becomes an error for a fit's duration."
+    with warnings.catch_warnings():  # once per fit or validate, not per batch; the result would be silently wrong
+        warnings.filterwarnings('error', message=r'Using a target size .* different to the input size', category=UserWarning)
+        yield
+
 @patch
 def _run(self: Learner, epoch_lengths: list, cbs=None, resume=None):
     "`_fit` with `cbs` attached for its duration; `resume`: a checkpoint name or path to continue from."
     if resume is None:
-        with self.added_cbs(cbs): return self._fit(epoch_lengths)
+        with self.added_cbs(cbs), _broadcast_loss_is_an_error(): return self._fit(epoch_lengths)
     from phaselearn.checkpoint import resume_from  # the checkpoint chapter builds on this one
     resumer = resume_from(self, resume, epoch_lengths)
-    with self.added_cbs(list(cbs or []) + [resumer]): self._fit(epoch_lengths, resumer.start_epoch, resumer.start_iter)
+    with self.added_cbs(_cb_list(cbs) + [resumer]), _broadcast_loss_is_an_error():
+        self._fit(epoch_lengths, resumer.start_epoch, resumer.start_iter)
 
 @patch
 def validate(self: Learner,
@@ -356,7 +430,7 @@ def validate(self: Learner,
     "Loss and metrics over `dl` (default: `dls.valid`): `[valid_loss, *metric values]`."
     dl = self.dls.valid if dl is None else dl
     if dl is None: raise ValueError("nothing to validate on: dls.valid is None and no dl was given")
-    with self.added_cbs(cbs):
+    with self.added_cbs(cbs), _broadcast_loss_is_an_error():
         try: self._valid_pass(dl)
         finally: self.model.eval()
     return self.recorder.last_valid

@@ -11,14 +11,16 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 from .core import *
+from .core import document_params
 from .data import *
 from .callback import *
+from .callback import _cb_list
 from .schedule import *
 from .learner import *
 from .phases import *
 
 # %% auto #0
-__all__ = ['SuggestedLRs', 'minimum', 'steep', 'valley', 'LRFinder', 'LearnerSnapshot', 'LRFindResult']
+__all__ = ['suggest_minimum', 'suggest_steep', 'suggest_valley', 'SuggestedLRs', 'LRFinder', 'LearnerSnapshot', 'LRFindResult']
 
 # %% ../nbs/09_lr_finder.ipynb #a8e7fd13
 def _usable(lrs, losses):
@@ -58,6 +60,11 @@ def valley(lrs, losses) -> float:
     bottom = int(np.argmax(length))
     top = int(start[bottom])
     return float(lrs[top + round(2 / 3 * (bottom - top))])
+
+# %% ../nbs/09_lr_finder.ipynb #8b4bf721
+suggest_minimum = minimum  # the public names (`from phaselearn.all import *`): the same functions
+suggest_steep = steep
+suggest_valley = valley
 
 # %% ../nbs/09_lr_finder.ipynb #eb1a3aea
 SuggestedLRs = namedtuple('SuggestedLRs', ['minimum', 'steep', 'valley'])
@@ -327,7 +334,7 @@ def lr_find(self: Learner,
         schedule, ratios = _sweep_schedule(self.opt, start_lr, end_lr)
         self.remove_cbs([cb for cb in self.cbs if not getattr(cb, 'run_in_lr_find', True)])
         sweep = TrainingPhase(iters=num_it, dls=DataLoaders(train, None), lr=schedule)
-        with _TableOff(self): self.fit_phases([sweep], cbs=[finder] + list(cbs or []))
+        with _TableOff(self): self.fit_phases([sweep], cbs=[finder] + _cb_list(cbs))
     finally: snapshot.restore()
     result = LRFindResult(finder.lrs, finder.losses, num_it, finder.diverged, suggest_funcs, ratios)
     self.lr_find_result = result

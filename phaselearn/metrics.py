@@ -11,12 +11,15 @@ import torch.nn.functional as F
 from fastcore.basics import camel2snake
 
 # %% auto #0
-__all__ = ['Metric', 'batch_size', 'output_preds', 'weighted_mean', 'AvgMetric', 'accuracy', 'error_rate', 'mse', 'mae', 'rmse',
-           'TorchMetric', 'as_metric', 'AvgLoss', 'AvgSmoothLoss']
+__all__ = ['Metric', 'output_preds', 'AvgMetric', 'accuracy', 'error_rate', 'mse', 'mae', 'rmse', 'perplexity', 'TorchMetric',
+           'as_metric', 'AvgLoss', 'AvgSmoothLoss']
 
 # %% ../nbs/03_metrics.ipynb #bf0c05f2
 class Metric:
-    "Base class: `reset()`, `accumulate(learn)` per batch, `value` (a number or one-element tensor) and `name`."
+    """Base class: `reset()`, `accumulate(learn)` per batch, `value` (a number or one-element tensor) and `name`.
+    `lower_is_better`: True when a smaller value is better (a loss, an error), False when a larger one is (accuracy),
+    None when unknown; trackers that monitor the metric read it."""
+    lower_is_better = None
     def reset(self):
         "Start a new epoch: forget what was accumulated."
         pass
@@ -62,6 +65,7 @@ def batch_size(yb, xb=()) -> int:
 def _kinds(items) -> str:
     return '(' + ', '.join(type(o).__name__ for o in items) + ')' if isinstance(items, (tuple, list)) else type(items).__name__
 
+
 # %% ../nbs/03_metrics.ipynb #6fc9fd8c
 def output_preds(output):
     "What metrics and `get_preds` see of a model's output: its `logits` (an attribute or a key) when it has them, else the output itself."
@@ -87,11 +91,28 @@ def weighted_mean(values: list, counts: list):
 def _func_name(func) -> str:
     return getattr(func, '__name__', None) or getattr(getattr(func, 'func', None), '__name__', None) or type(func).__name__
 
+def _declared_direction(func):
+    "The `lower_is_better` a function (or the function inside a `functools.partial`) declares, or None."
+    while func is not None:
+        value = getattr(func, 'lower_is_better', None)
+        if value is not None: return value
+        func = getattr(func, 'func', None)
+    return None
+
+def _check_direction(value, what: str):
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{what}: lower_is_better must be True (smaller is better), False (larger is better) or None "
+                        f"(unknown), got {value!r}")
+    return value
+
 class AvgMetric(Metric):
-    "Batch-size-weighted mean of `func(pred, *targets)` over an epoch, then `finalize(mean)`."
-    def __init__(self, func, name: str | None = None, finalize=None):
+    """Batch-size-weighted mean of `func(pred, *targets)` over an epoch, then `finalize(mean)`. `lower_is_better`:
+    which way is better (default: what `func.lower_is_better` declares, else unknown)."""
+    def __init__(self, func, name: str | None = None, finalize=None, lower_is_better: bool | None = None):
         if not callable(func): raise TypeError(f"AvgMetric needs a function (pred, *targets) -> value, got {func!r}")
         self.func, self.finalize, self._name = func, finalize, name or _func_name(func)
+        if lower_is_better is None: lower_is_better = _declared_direction(func)
+        self.lower_is_better = _check_direction(lower_is_better, f"AvgMetric({self._name})")
         self.reset()
     def reset(self): self.values, self.counts = [], []
     def accumulate(self, learn):
@@ -110,8 +131,16 @@ class AvgMetric(Metric):
 
 # %% ../nbs/03_metrics.ipynb #701f5371
 def accuracy(pred, targ, axis: int = -1):
-    "Fraction of samples whose arg-max prediction equals the target."
-    return (pred.argmax(dim=axis) == targ).float().mean()
+    "Fraction of samples whose arg-max prediction equals the target (`pred`: one score per class along `axis`)."
+    if pred.ndim < 2 or pred.shape[axis] < 2:  # an arg-max over one column (or over the batch) is a silent wrong answer
+        raise ValueError(f"accuracy compares the arg-max of one score per class (along axis {axis}) with the targets; got "
+                         f"predictions of shape {tuple(pred.shape)}: a model with one output is a regression or a binary "
+                         f"classifier with one logit, whose accuracy is ((pred > 0) == targ).float().mean()")
+    pred = pred.argmax(dim=axis)
+    if pred.shape != targ.shape:  # targets of shape (N, 1) would broadcast to an (N, N) comparison: a wrong number, silently
+        raise ValueError(f"accuracy compares the predicted classes, of shape {tuple(pred.shape)}, with targets of shape "
+                         f"{tuple(targ.shape)}; they must match (class indices, one per sample: e.g. targ.squeeze(-1))")
+    return (pred == targ).float().mean()
 
 def error_rate(pred, targ, axis: int = -1):
     "1 - accuracy."
@@ -128,7 +157,19 @@ def mae(pred, targ):
 def rmse(pred, targ):
     "Root mean squared error. As a metric, the root of the whole epoch's mean squared error."
     return mse(pred, targ).sqrt()
-rmse.as_metric = lambda: AvgMetric(mse, name='rmse', finalize=torch.sqrt)
+rmse.as_metric = lambda: AvgMetric(mse, name='rmse', finalize=torch.sqrt, lower_is_better=True)
+
+def _cross_entropy(pred, targ):
+    "Mean cross-entropy of logits `pred` (classes on the last axis) against class indices `targ`, flattened."
+    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]).float(), targ.reshape(-1))
+
+def perplexity(pred, targ):
+    "`exp` of the mean cross-entropy of logits `pred` (classes last) against `targ`. As a metric, `exp` of the epoch's mean cross-entropy."
+    return _cross_entropy(pred, targ).exp()
+perplexity.as_metric = lambda: AvgMetric(_cross_entropy, name='perplexity', finalize=torch.exp, lower_is_better=True)
+
+accuracy.lower_is_better = False
+for _f in (error_rate, mse, mae, rmse, perplexity): _f.lower_is_better = True
 
 # %% ../nbs/03_metrics.ipynb #36dfbc65
 def _import_torchmetrics():
@@ -162,6 +203,11 @@ class TorchMetric(Metric):
             self._device_checked = True
         self.metric.update(pred, *learn.yb)
     @property
+    def lower_is_better(self):
+        "The opposite of the torchmetrics object's `higher_is_better` (None when it does not say)."
+        higher = getattr(self.metric, 'higher_is_better', None)
+        return None if higher is None else not higher
+    @property
     def value(self):
         "The torchmetrics object's `compute()`."
         return self.metric.compute()
@@ -179,6 +225,9 @@ def as_metric(m) -> Metric:
         raise TypeError(f"metrics takes Metric objects or functions, got the class {m.__name__}: pass an instance, e.g. {m.__name__}()")
     if hasattr(m, 'as_metric'): return m.as_metric()
     if callable(m): return AvgMetric(m)
+    if isinstance(m, str):
+        raise TypeError(f"metrics must be functions or Metric objects, not names: got the str {m!r}"
+                        + (f"; pass the function itself, metrics=[{m}]" if m.isidentifier() else ""))
     raise TypeError(f"metrics must be Metric objects, torchmetrics metrics or functions (pred, *targets) -> value; got {m!r}")
 
 # %% ../nbs/03_metrics.ipynb #80ff1c90
@@ -186,6 +235,7 @@ def _detached(loss): return loss.detach() if loss.requires_grad else loss
 
 class AvgLoss(Metric):
     "Batch-size-weighted mean of `learn.loss` over an epoch (a tensor on the loss's device)."
+    lower_is_better = True
     def __init__(self): self.reset()
     def reset(self): self.values, self.counts = [], []
     def accumulate(self, learn):
@@ -200,6 +250,7 @@ class AvgLoss(Metric):
 
 class AvgSmoothLoss(Metric):
     "Debiased exponential moving average of `learn.loss` with factor `beta`, computed when read."
+    lower_is_better = True
     def __init__(self, beta: float = 0.98, history: bool = False):
         if not 0 <= beta < 1: raise ValueError(f"beta must be in [0, 1), got {beta}")
         self.beta, self.keep_history = beta, history

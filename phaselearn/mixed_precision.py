@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from fastcore.basics import patch
 from .core import *
+from .core import document_params
 from .callback import *
 from .recorder import *
 from .optimizer import *
@@ -16,7 +17,7 @@ from .learner import *
 from .learner import unwrap_model
 
 # %% auto #0
-__all__ = ['half_dtypes', 'MixedPrecision', 'FP16Training', 'GradientClip']
+__all__ = ['MixedPrecision', 'FP16Training', 'GradientClip']
 
 # %% ../nbs/10_mixed_precision.ipynb #8b78c8ff
 half_dtypes = (torch.float16, torch.bfloat16)

@@ -13,7 +13,7 @@ from .core import document_params
 
 # %% auto #0
 __all__ = ['norm_types', 'unified_hyper_names', 'default_splitter', 'sequential_splitter', 'body_head_splitter',
-           'check_layer_groups', 'check_no_decay', 'OptimWrapper', 'spread_values', 'hyper_range', 'check_hyper_value',
+           'check_layer_groups', 'OptimWrapper', 'spread_values', 'hyper_range', 'check_hyper_value',
            'check_hyper_values']
 
 # %% ../nbs/05_optimizer.ipynb #6daf9cc3
@@ -87,7 +87,7 @@ def _is_norm(module: nn.Module) -> bool:
     "A normalisation layer: one of `norm_types`, or a class named like one (nanoGPT's `LayerNorm`, `LlamaRMSNorm`, timm's `LayerNorm2d`)."
     return isinstance(module, norm_types) or re.search(r'Norm(\d*d)?$', type(module).__name__) is not None
 
-def check_no_decay(no_decay, bn_wd: bool = False, bias_wd: bool = False):
+def _check_no_decay(no_decay, bn_wd: bool = False, bias_wd: bool = False):
     "Refuse a `no_decay` that is not a callable `(name, param) -> bool`, or one given with `bn_wd`/`bias_wd` (which it replaces)."
     if no_decay is None: return
     if not callable(no_decay):
@@ -100,7 +100,7 @@ def check_no_decay(no_decay, bn_wd: bool = False, bias_wd: bool = False):
 def _decay_rule(model: nn.Module, bn_wd: bool = False, bias_wd: bool = False, no_decay=None):
     """`(exempt_names, norm_ids)`: the own names of `model`'s parameters exempt from decay (see the chapter's rule, or
     `no_decay(name, param)`), and the ids of the parameters of normalisation layers. A tied parameter counts once."""
-    check_no_decay(no_decay, bn_wd, bias_wd)
+    _check_no_decay(no_decay, bn_wd, bias_wd)
     bare = _bare_model(model)
     listed = getattr(bare, 'no_weight_decay', None)
     listed = set(listed()) if callable(listed) and no_decay is None else set()

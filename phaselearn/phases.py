@@ -12,12 +12,14 @@ import torch
 from torch import nn
 from fastcore.basics import patch, camel2snake
 from .core import *
+from .core import document_params, public_name
 from .callback import *
 from .optimizer import *
 from .schedule import *
 from .recorder import *
 from .learner import *
 from .data import _check_bs
+from .callback import _cb_list
 
 # %% auto #0
 __all__ = ['TrainingPhase', 'resolve_groups', 'Phases', 'plot_hypers', 'Preview', 'attr_target', 'PhaseScheduler',
@@ -48,6 +50,10 @@ def _check_attrs_arg(attrs) -> dict:
                              f"or 'rnn_regularizer.alpha'; got {path!r}")
         if not callable(value): _real_value(value, f"attrs[{path!r}]")
     return dict(attrs)
+
+def _is_number(text: str) -> bool:
+    try: float(text); return True
+    except ValueError: return False
 
 def _pass_steps(n: int, n_acc: int) -> int:
     "Optimizer steps in a pass of `n` batches at `n_acc` batches per step: its last, short group is stepped too."
@@ -98,6 +104,11 @@ class TrainingPhase:
         self.epochs, self.iters, self.samples, self.steps, self.dls, self.bs = epochs, iters, samples, steps, dls, bs
         self.opt_func, self.loss_func, self.loss_weights, self.hypers = opt_func, loss_func, loss_weights, hypers
         self.attrs = _check_attrs_arg(attrs)
+        for name, value in hypers.items():  # a typo'd value fails here, not at the fit
+            if isinstance(value, (str, bytes)):
+                raise TypeError(f"TrainingPhase({name}={value!r}): a hyperparameter is a number, one value per layer group "
+                                f"(a list or a slice) or a schedule, not {type(value).__name__}"
+                                + (f" (write {name}={value})" if isinstance(value, str) and _is_number(value) else ""))
 
     def n_iters(self, epoch_len: int, bs: int | None = None, epoch_samples: int | None = None, n_acc: int = 1) -> int:
         "Iterations (batches) of this phase when an epoch of its data is `epoch_len` batches of `bs` (see `epoch_lengths`)."
@@ -577,12 +588,13 @@ def fit_phases(self: Learner,
     phases = Phases(phases)
     self._check_ready()
     if self.opt is None: self.create_opt()
-    n_acc = _n_acc(list(self.cbs) + list(cbs or []))   # under gradient accumulation, schedules move per optimizer step
+    cbs = _cb_list(cbs)
+    n_acc = _n_acc(list(self.cbs) + cbs)   # under gradient accumulation, schedules move per optimizer step
     lengths = _phase_lengths(self, phases, n_acc)
     _check_plan(self, phases, lengths, n_acc)  # every hyperparameter name and value, checked before training
-    if phases.attr_paths: _learner_preview(self, phases, lengths, list(cbs or []), n_acc)  # every attribute path and value too
+    if phases.attr_paths: _learner_preview(self, phases, lengths, cbs, n_acc)  # every attribute path and value too
     scheduler = PhaseScheduler(phases, lengths, n_acc)
-    self._run([n for passes in lengths for n in passes], [scheduler] + list(cbs or []), resume)
+    self._run([n for passes in lengths for n in passes], [scheduler] + cbs, resume)
 
 @patch
 def preview(self: Learner,
@@ -592,8 +604,10 @@ def preview(self: Learner,
     "The exact per-iteration values (hyperparameters and attributes) `fit_phases(phases, cbs)` will use, from this learner's data, optimizer, attributes and callbacks (a `GradientAccumulation` among them or `cbs`: values per step)."
     phases = Phases(phases)
     if self.opt is None: self.create_opt()
-    n_acc = _n_acc(list(self.cbs) + list(cbs or []))
-    return _learner_preview(self, phases, _phase_lengths(self, phases, n_acc), list(cbs or []), n_acc)
+    cbs = _cb_list(cbs)
+    n_acc = _n_acc(list(self.cbs) + cbs)
+    return _learner_preview(self, phases, _phase_lengths(self, phases, n_acc), cbs, n_acc)
+
 
 # %% ../nbs/08_phases.ipynb #0adfd816
 @document_params
@@ -768,7 +782,16 @@ def fit_one_cycle(self: Learner,
                   resume=None  # name or path of a checkpoint (`CheckpointCallback`) to continue this same fit from; None: start afresh
                  ):
     "Train `n_epoch` epochs with the `OneCycle` policy."
-    policy = OneCycle(self.lr if lr_max is None else lr_max, div, div_final, pct_start, moms)
+    lr_max = self.lr if lr_max is None else lr_max
+    if isinstance(lr_max, (list, tuple, np.ndarray)):  # one value per layer group, as in `fit`
+        n_groups = (self.opt or self.create_opt()).n_groups
+        if len(lr_max) != n_groups:
+            raise ValueError(f"lr_max has {len(lr_max)} values, one per layer group, but the optimizer has {n_groups} layer "
+                             f"group(s): pass one number, slice(lo, hi) to spread it, or a splitter= that makes {len(lr_max)} groups")
+    if not isinstance(lr_max, slice) and np.all(np.asarray(lr_max, dtype=float) == 0):
+        raise ValueError("lr_max=0: the one-cycle schedule would be 0 throughout and train nothing; pass the peak learning "
+                         "rate (learn.lr_find() suggests one)")
+    policy = OneCycle(lr_max, div, div_final, pct_start, moms)
     self.fit_phases(_with_wd(policy.phases(n_epoch), wd), cbs=cbs, resume=resume)
 
 @patch
@@ -835,5 +858,8 @@ def fit_warmup_cosine(self: Learner,
 @patch
 def plot_sched(self: Recorder, names=('lr', 'mom')):
     "Plot the hyperparameters (and tracked values such as scheduled attributes) recorded batch by batch during the last fit (one panel each)."
+    if not self._snapshots or self.learn.opt is None:
+        raise ValueError("plot_sched shows what the last fit recorded, and no training batch has been recorded yet: run a fit "
+                         "first (to see a plan before training, use learn.preview(phases).plot())")
     values = {name: self.hyper(name) for name in names if name in self.learn.opt.hyper_names or name in self.tracked}
     return plot_hypers(values)

@@ -9,12 +9,13 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 from .core import *
+from .core import document_params
 from .callback import *
 from .metrics import *
+from .metrics import batch_size
 
 # %% auto #0
-__all__ = ['read_scalars', 'Recorder', 'quiet_env', 'in_notebook', 'format_time', 'table_text', 'table_html', 'ProgressCallback',
-           'quiet', 'CSVLogger', 'ShowGraphCallback']
+__all__ = ['Recorder', 'ProgressCallback', 'CSVLogger', 'ShowGraphCallback']
 
 # %% ../nbs/04_recorder.ipynb #7edeb8bf
 def _metric_error(metric, stage: str, e: Exception) -> Exception:

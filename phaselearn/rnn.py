@@ -13,8 +13,7 @@ from .learner import unwrap_model
 from .core import document_params
 
 # %% auto #0
-__all__ = ['synthetic_text', 'char_stream', 'LMDataLoader', 'CharLM', 'lm_loss', 'RNNCallback', 'LossTerm', 'rnn_time_dim',
-           'RNNRegularizer', 'rnn_cbs']
+__all__ = ['LMDataLoader', 'CharLM', 'lm_loss', 'RNNCallback', 'LossTerm', 'rnn_time_dim', 'RNNRegularizer', 'rnn_cbs']
 
 # %% ../nbs/16_rnn.ipynb #b256e39a
 _SUBJECTS = ['the cat', 'the dog', 'a bird', 'my friend', 'the old man', 'a small child', 'the teacher']

@@ -17,8 +17,12 @@ __all__ = ['TrackerCallback', 'EarlyStoppingCallback', 'SaveModelCallback', 'Red
            'TensorBoardCallback']
 
 # %% ../nbs/13_tracking.ipynb #306dc57e
-def _lower_is_better(monitor: str) -> bool:
-    return 'loss' in monitor or 'error' in monitor
+def _monitor_direction(learn, monitor: str):
+    "Whether lower is better for column `monitor`: True for the losses, the metric's own `lower_is_better` for a metric, else None."
+    if monitor in ('train_loss', 'valid_loss'): return True
+    for metric in learn.metrics:
+        if metric.name == monitor: return getattr(metric, 'lower_is_better', None)
+    return None
 
 @document_params
 class TrackerCallback(Callback):
@@ -34,24 +38,40 @@ class TrackerCallback(Callback):
         if isinstance(min_delta, bool) or not isinstance(min_delta, numbers.Real) or not 0 <= min_delta < math.inf:
             raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
         if comp is not None and not callable(comp): raise TypeError(f"comp must be callable, e.g. np.less or np.greater; got {comp!r}")
-        self.monitor, self.min_delta, self.reset_on_fit = monitor, float(min_delta), reset_on_fit
-        self.comp = comp if comp is not None else (np.less if _lower_is_better(monitor) else np.greater)
-        self.lower_is_better = bool(self.comp(0., 1.))
+        self.monitor, self.min_delta, self.reset_on_fit, self._comp = monitor, float(min_delta), reset_on_fit, comp
+        # the direction: from comp when given, else from the monitored metric at before_fit (None until then)
+        self.comp, self.lower_is_better = comp, None if comp is None else bool(comp(0., 1.))
         self.value, self.new_best = None, False
         self.reset()
 
     def reset(self):
         "Forget the best value and the epochs waited."
-        self.best, self.best_epoch, self.wait = (math.inf if self.lower_is_better else -math.inf), None, 0
+        worst = math.nan if self.lower_is_better is None else math.inf if self.lower_is_better else -math.inf
+        self.best, self.best_epoch, self.wait = worst, None, 0
+
+    def _resolve_direction(self) -> bool:
+        "Set `comp` and `lower_is_better` from the monitored metric (unless `comp=` was given); True when they changed."
+        if self._comp is not None: return False
+        lower = _monitor_direction(self.learn, self.monitor)
+        if lower is None:
+            raise ValueError(f"{type(self).__name__}: monitor={self.monitor!r}: the metric does not say whether lower or higher "
+                             f"is better. Pass comp=np.less (lower is better) or comp=np.greater (higher is better), or declare "
+                             f"it on the metric: AvgMetric(func, lower_is_better=True/False), or func.lower_is_better = True/False")
+        changed, self.lower_is_better = lower != self.lower_is_better, lower
+        self.comp = np.less if lower else np.greater
+        return changed
 
     def improves(self, value: float) -> bool:
         "Whether `value` beats `best` by more than `min_delta` (never for NaN)."
+        if self.comp is None:
+            raise ValueError(f"{type(self).__name__}({self.monitor!r}): which way is better is read from the monitored metric "
+                             f"at before_fit; pass comp= to compare values before a fit")
         if math.isnan(value): return False
         shift = self.min_delta if self.lower_is_better else -self.min_delta
         return bool(self.comp(value + shift, self.best))
 
     def before_fit(self):
-        "Find `monitor`'s column in the epoch table (an error naming the valid ones) and reset the best value when `reset_on_fit`."
+        "Find `monitor`'s column (an error naming the valid ones) and its direction (an error when unknown and no `comp=`); reset the best value when `reset_on_fit`."
         recorder = getattr(self.learn, 'recorder', None)
         if recorder is None: raise ValueError(f"{type(self).__name__} reads the epoch table: the learner needs its Recorder")
         names = recorder.names
@@ -61,7 +81,7 @@ class TrackerCallback(Callback):
             raise ValueError(f"{type(self).__name__}: monitor={self.monitor!r} is not a column of the epoch table{hint}; "
                              f"valid names: {', '.join(valid)}")
         self.column = names.index(self.monitor)
-        if self.reset_on_fit: self.reset()
+        if self._resolve_direction() or self.reset_on_fit: self.reset()
 
     def after_epoch(self):
         "Read `monitor` and note whether it improved on the best by more than `min_delta`."

@@ -8,6 +8,7 @@ import contextlib, copy, numbers
 import torch
 from torch import nn
 from .core import *
+from .core import document_params
 from .callback import *
 from .learner import *
 from .learner import unwrap_model

@@ -13,7 +13,7 @@ from .phases import *
 from .lr_finder import *
 
 # %% auto #0
-__all__ = ['knob_ranges', 'ScheduleExplorer', 'schedule_widget', 'LRFinderExplorer', 'lr_find_widget']
+__all__ = ['ScheduleExplorer', 'schedule_widget', 'LRFinderExplorer', 'lr_find_widget']
 
 # %% ../nbs/18_widgets.ipynb #c8ae0ade
 def _in_kernel() -> bool:

@@ -6,6 +6,10 @@ import pytest
 import torch
 from torch import nn
 from phaselearn.all import *
+from phaselearn.callback import all_events
+from phaselearn.metrics import batch_size
+from phaselearn.recorder import quiet
+from phaselearn.rnn import char_stream, synthetic_text
 
 torch.set_num_threads(1)  # hundreds of tiny fits: threads only add overhead (and contend with parallel test workers)
 

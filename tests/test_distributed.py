@@ -11,6 +11,8 @@ import pytest, torch
 from torch import nn
 from torch.utils.data import Dataset
 from phaselearn.all import *
+from phaselearn.recorder import quiet
+from phaselearn.distributed import spawn_gloo
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason='torch.distributed is not available')
 REPO = Path(__file__).resolve().parents[1]

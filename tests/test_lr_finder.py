@@ -4,6 +4,8 @@ import numpy as np, pytest, torch
 from torch import nn
 from torch.utils.data import Dataset
 from phaselearn.all import *
+from phaselearn.core import to_device
+from phaselearn.lr_finder import minimum, steep, valley
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ from torch import nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from phaselearn.all import *
+from phaselearn.recorder import quiet
 
 torchmetrics = pytest.importorskip('torchmetrics')
 

@@ -4,6 +4,7 @@ import os, subprocess, sys
 import nbformat
 from nbclient import NotebookClient
 from phaselearn.all import *
+from phaselearn.recorder import in_notebook
 
 CELLS = ["""from phaselearn.all import *
 print('in_notebook:', in_notebook())""",

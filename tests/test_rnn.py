@@ -10,6 +10,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from phaselearn.all import *
+from phaselearn.rnn import char_stream, synthetic_text
+from phaselearn.data import set_loader_epoch
 from syncs import SyncCounter
 
 

@@ -10,6 +10,8 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 
 from phaselearn.all import *
+from phaselearn.widgets import knob_ranges
+from phaselearn.lr_finder import minimum, steep, valley
 import phaselearn.widgets as W
 
 
@@ -269,7 +271,7 @@ def test_plain_script_use(tmp_path):
         explorer.controls['pct_start'].value = 0.5
         assert explorer.display() is explorer.figure
         explorer.figure.savefig(r'{tmp_path}/schedule.png')
-        result = LRFindResult(np.logspace(-6, 0, 50), np.linspace(2, 1, 50), 50, False, (minimum, steep, valley))
+        result = LRFindResult(np.logspace(-6, 0, 50), np.linspace(2, 1, 50), 50, False, (suggest_minimum, suggest_steep, suggest_valley))
         picker = lr_find_widget(result)
         picker.lr = 1e-3
         picker.display().savefig(r'{tmp_path}/lr.png')
