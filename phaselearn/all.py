@@ -20,3 +20,4 @@ from .tracking import *
 from .demo import *
 from .docs import *
 from .compile import *
+from .trackers import *
