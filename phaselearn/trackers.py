@@ -196,16 +196,16 @@ class RunLogger(Callback):
             raise ValueError(f"log_every must be None (the progress display's refresh) or seconds >= 0, got {log_every!r}")
         self.log_every, self.log_checkpoints, self.log_model = log_every, log_checkpoints, log_model
         self.hypers = None if hypers is None else list(hypers)
-        self.run_id, self._run_has_fit, self.status = None, False, None
+        self.run_id, self._run_has_fit, self.status, self._open_run = None, False, None, None
 
     def before_fit(self):
         "Start a run (or go on with the one a resumed checkpoint names; a nested one for `lr_find`) and log the parameters and the plan."
         learn = self.learn
-        self._outer = sys.exc_info()[1]
+        self._outer, self._open_run, self._ckpt_logged = sys.exc_info()[1], None, {}
         self._finder = next((cb for cb in learn.cbs if type(cb).__name__ == 'LRFinder'), None)
         if self._finder is not None:  # lr_find: a child run of this callback's run
             if self.run_id is None: self.run_id = self._open(None, resume=False)
-            self._child_id = self._child(self.run_id)
+            self._child_id = self._open_run = self._child(self.run_id)
             return
         resumer = next((cb for cb in learn.cbs if isinstance(cb, ResumeCallback)), None)
         saved = resumer.state['callbacks'].get(type(self).__name__, {}).get('run_id') if resumer is not None else None
@@ -213,7 +213,7 @@ class RunLogger(Callback):
         if resume: self.run_id = saved
         elif self._run_has_fit: self.run_id = None  # every new fit is a new run
         reuse = self.run_id is not None and not resume  # a run opened by an lr_find before the first fit
-        self.run_id = self._open(self.run_id, resume=resume or reuse)
+        self.run_id = self._open_run = self._open(self.run_id, resume=resume or reuse)
         self._run_has_fit, self.status = True, 'RUNNING'
         opt = learn.opt
         names = self.hypers if self.hypers is not None else [n for n in self.hypers_default if n in opt.hyper_names]
@@ -221,7 +221,7 @@ class RunLogger(Callback):
         self._names = names
         progress = getattr(learn, 'progress_bar', None)
         self._every = self.log_every if self.log_every is not None else getattr(progress, 'refresh', 0.5)
-        self._next_log, self._ckpt_logged = 0., {}
+        self._next_log = 0.
         if not resume:
             self._log_params(run_params(learn))
             scheduler = next((cb for cb in learn.cbs if isinstance(cb, PhaseScheduler)), None)
@@ -271,7 +271,8 @@ class RunLogger(Callback):
 
     def after_fit(self):
         "End the run: FINISHED, or FAILED / KILLED when the fit ends by an exception / Ctrl-C (checkpoints and model first, on request)."
-        status = fit_status(self._outer)
+        if self._open_run is None: return  # this fit opened no run (a callback before this one failed in before_fit)
+        status, self._open_run = fit_status(self._outer), None
         if self._finder is not None:
             self._log_finder(self._child_id, self._finder)
             self._close(self._child_id, status)
@@ -468,19 +469,20 @@ class OptunaPruningCallback(Callback):
         if not isinstance(monitor, str): raise TypeError(f"monitor must be a column name (a str), got {monitor!r}")
         if not (hasattr(trial, 'report') and hasattr(trial, 'should_prune')):
             raise TypeError(f"trial must be an optuna Trial (with report and should_prune), got {type(trial).__name__}")
-        self.trial, self.monitor, self.pruned, self.pruned_epoch = trial, monitor, False, None
+        self.trial, self.monitor, self.pruned, self.pruned_epoch, self._fitting = trial, monitor, False, None, False
 
     def before_fit(self):
         "Find `monitor`'s column, and check its direction against the study's."
         import optuna
         learn = self.learn
+        self._fitting, self.pruned, self.pruned_epoch = True, False, None
         names = learn.recorder.names
         valid = [n for n in names if n not in ('epoch', 'time')]
         if self.monitor not in valid:
             hint = " (there is no validation data: dls.valid is None)" if self.monitor == 'valid_loss' else ''
             raise ValueError(f"OptunaPruningCallback: monitor={self.monitor!r} is not a column of the epoch table{hint}; "
                              f"valid names: {', '.join(valid)}")
-        self.column, self.pruned, self.pruned_epoch = names.index(self.monitor), False, None
+        self.column = names.index(self.monitor)
         study = getattr(self.trial, 'study', None)
         if study is None: return  # a FixedTrial: nothing to prune against
         if len(study.directions) > 1: raise ValueError("OptunaPruningCallback: Optuna prunes single-objective studies only; "
@@ -502,7 +504,8 @@ class OptunaPruningCallback(Callback):
 
     def after_fit(self):
         "After a pruned fit has ended cleanly, raise `optuna.TrialPruned` so that the study marks the trial pruned."
-        if self.pruned:
+        fitting, self._fitting = self._fitting, False
+        if fitting and self.pruned:  # (not when an earlier callback's before_fit failed: this fit never ran)
             import optuna
             raise optuna.TrialPruned(f"trial {getattr(self.trial, 'number', '?')} pruned at epoch {self.pruned_epoch}: "
                                      f"{self.monitor} = {self.value:.4g}")

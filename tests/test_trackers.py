@@ -158,6 +158,31 @@ def test_mlflow_file_store_failed_and_lr_find(tmp_path, monkeypatch):
     assert cb.run_id != parent and client.get_run(cb.run_id).info.status == 'FINISHED'
 
 
+class FailEarly(Callback):
+    "Fails in `before_fit`, before the trackers' own `before_fit` ran (the loop still runs every `after_fit`)."
+    order = -100
+    def before_fit(self): raise ValueError('early')
+
+
+def test_fit_failing_before_the_trackers_start(tmp_path, monkeypatch):
+    """The first error propagates (not an AttributeError from a tracker's after_fit), no run is opened or ended twice, and a
+    pruning callback that pruned the last fit does not raise TrialPruned for a fit that never ran."""
+    monkeypatch.setenv('MLFLOW_ALLOW_FILE_STORE', 'true')
+    uri = (tmp_path / 'mlruns').as_uri()
+    learn = digits_learner(tmp_path)
+    cb = MLflowCallback(tracking_uri=uri, experiment='early')
+    with pytest.raises(ValueError, match='early'): learn.fit(1, cbs=[cb, FailEarly()])
+    assert cb.run_id is None and MlflowClient(tracking_uri=uri).get_experiment_by_name('early') is None
+    learn.fit(1, cbs=[cb])
+    first = cb.run_id
+    with pytest.raises(ValueError, match='early'): learn.fit(1, cbs=[cb, FailEarly()])
+    assert MlflowClient(tracking_uri=uri).get_run(first).info.status == 'FINISHED'  # not ended again as FAILED
+    study = optuna.create_study(direction='minimize', pruner=optuna.pruners.ThresholdPruner(upper=0.0))
+    pruning = OptunaPruningCallback(study.ask())
+    with pytest.raises(optuna.TrialPruned): learn.fit(2, cbs=[pruning])
+    with pytest.raises(ValueError, match='early'): learn.fit(1, cbs=[pruning, FailEarly()])
+
+
 def test_wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv('WANDB_SILENT', 'true')
     learn = digits_learner(tmp_path)
