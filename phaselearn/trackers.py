@@ -239,13 +239,12 @@ class RunLogger(Callback):
         "At most every `log_every` seconds (default: the progress display's refresh), the smoothed loss and the hyperparameters."
         learn = self.learn
         if not learn.training or learn.batch_cancelled or self._finder is not None: return
-        now = time.perf_counter()
-        if now < self._next_log: return
-        self._next_log = now + self._every
+        if time.perf_counter() < self._next_log: return
         values = step_hypers(learn.opt, self._names)
         loss = learn.recorder.smooth_loss.value  # one transfer for the batches since the last read
         if loss is not None: values['smooth_loss'] = float(loss)
         self._log_step(values, learn.train_iter)
+        self._next_log = time.perf_counter() + self._every  # counted from the end of this log: a slow one cannot run back to back
 
     def before_epoch(self):
         "Upload the checkpoint the last epoch wrote (with `log_checkpoints`)."
@@ -312,6 +311,7 @@ class MLflowCallback(RunLogger):
         super().__init__(log_every, log_checkpoints, log_model, hypers)
         self.tracking_uri, self.experiment, self.run_name, self._client = tracking_uri, experiment, run_name, None
         self.artifact_location = None if artifact_location is None else str(artifact_location)
+        self._pending = []  # the asynchronous per-step logs not yet waited for
 
     @property
     def client(self):
@@ -346,12 +346,20 @@ class MLflowCallback(RunLogger):
         return [Metric(k, v, now, step) for k, v in values.items()]
 
     def _log_step(self, values: dict, step: int, run_id=None):
-        self.client.log_batch(run_id or self.run_id, metrics=self._metrics(values, step))
+        # asynchronous (MLflow's logging queue): a slow store or server never holds up a training batch; `_close` waits for it
+        self._pending.append(self.client.log_batch(run_id or self.run_id, metrics=self._metrics(values, step), synchronous=False))
     def _log_epoch(self, values: dict, epoch: int, step: int):
         self.client.log_batch(self.run_id, metrics=self._metrics(values, epoch))
     def _log_figure(self, fig, name: str): self.client.log_figure(self.run_id, fig, name)
     def _log_file(self, path, folder: str): self.client.log_artifact(self.run_id, str(path), folder)
-    def _close(self, run_id, status: str): self.client.set_terminated(run_id, status=status)
+    def _close(self, run_id, status: str):
+        pending, self._pending = self._pending, []
+        try:
+            for operations in pending: operations.wait()  # raises what failed in the queue
+        except Exception:
+            self.client.set_terminated(run_id, status='FAILED')
+            raise
+        self.client.set_terminated(run_id, status=status)
 
 # %% ../nbs/19b_trackers.ipynb #c029
 class WandbCallback(RunLogger):
