@@ -25,13 +25,13 @@ def data():
     return x[:20_000], y[:20_000], x[20_000:], y[20_000:]
 
 
-def timed(cb, name, totals):
-    "Wrap `cb.name` so that its time adds to `totals['fixed']` (set on the instance before the callback is attached)."
+def timed(cb, name, totals, bucket='fixed'):
+    "Wrap `cb.name` so that its time adds to `totals[bucket]` (set on the instance before the callback is attached)."
     method = getattr(cb, name)
     def wrapper():
         start = time.perf_counter()
         try: return method()
-        finally: totals['fixed'] += time.perf_counter() - start
+        finally: totals[bucket] += time.perf_counter() - start
     setattr(cb, name, wrapper)
 
 
@@ -48,6 +48,8 @@ def one_fit(tensors, epochs, tracked, folder, use_wandb, totals):
         if use_wandb: cbs.append(WandbCallback(mode='offline', dir=folder))
         for cb in cbs[:1] + cbs[3:]:
             timed(cb, 'before_fit', totals); timed(cb, 'after_fit', totals)
+        for cb in cbs:  # what the trackers do per training batch, timed where it runs
+            if hasattr(type(cb), 'after_batch'): timed(cb, 'after_batch', totals, 'batch')
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         wall, cpu = time.perf_counter(), time.process_time()
         learn.fit_one_cycle(epochs, lr_max=1e-2, cbs=cbs)
@@ -66,11 +68,11 @@ def main():
     tensors = data()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f}; {args.rounds} rounds, fit_one_cycle({args.epochs}) per side", flush=True)
-    walls, cpus, per_batch, fixed_share, remainder = [], [], [], [], []
+    walls, cpus, per_batch, fixed_share, remainder, hooks = [], [], [], [], [], []
     with tempfile.TemporaryDirectory() as folder:
-        one_fit(tensors, 1, True, folder, args.wandb, {'fixed': 0.})  # warm-up: imports, database tables
+        one_fit(tensors, 1, True, folder, args.wandb, {'fixed': 0., 'batch': 0.})  # warm-up: imports, database tables
         for r in range(args.rounds):
-            results, totals = {}, {'fixed': 0.}
+            results, totals = {}, {'fixed': 0., 'batch': 0.}
             for side in ((False, True) if r % 2 == 0 else (True, False)):
                 results[side] = one_fit(tensors, args.epochs, side, folder, args.wandb, totals)
             (w0, c0, n), (w1, c1, _) = results[False], results[True]
@@ -78,12 +80,14 @@ def main():
             per_batch.append((w1 - totals['fixed'] - w0) / n * 1e6)
             fixed_share.append(totals['fixed'])
             remainder.append((w1 - totals['fixed']) / w0)
+            hooks.append(totals['batch'] / w0)
             print(f"  round {r + 1}: plain {w0:.2f}s, tracked {w1:.2f}s wall (of which {totals['fixed']:.2f}s opening/closing the "
                   f"run), {n} batches", flush=True)
     print(f"\ntracked / plain, median over rounds: wall {statistics.median(walls):.3f}, cpu {statistics.median(cpus):.3f}")
     print(f"fixed cost per fit (open, params, preview plot, close): {statistics.median(fixed_share):.3f}s; "
           f"per-batch remainder {statistics.median(per_batch):+.1f} us/batch "
           f"(tracked without the fixed cost / plain: {statistics.median(remainder):.3f})")
+    print(f"time inside the trackers' after_batch / plain fit: {statistics.median(hooks):.4f}")
 
 
 if __name__ == '__main__': main()

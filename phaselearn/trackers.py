@@ -349,7 +349,7 @@ class MLflowCallback(RunLogger):
         # asynchronous (MLflow's logging queue): a slow store or server never holds up a training batch; `_close` waits for it
         self._pending.append(self.client.log_batch(run_id or self.run_id, metrics=self._metrics(values, step), synchronous=False))
     def _log_epoch(self, values: dict, epoch: int, step: int):
-        self.client.log_batch(self.run_id, metrics=self._metrics(values, epoch))
+        self._pending.append(self.client.log_batch(self.run_id, metrics=self._metrics(values, epoch), synchronous=False))
     def _log_figure(self, fig, name: str): self.client.log_figure(self.run_id, fig, name)
     def _log_file(self, path, folder: str): self.client.log_artifact(self.run_id, str(path), folder)
     def _close(self, run_id, status: str):
