@@ -222,6 +222,7 @@ class RunLogger(Callback):
         progress = getattr(learn, 'progress_bar', None)
         self._every = self.log_every if self.log_every is not None else getattr(progress, 'refresh', 0.5)
         self._next_log = 0.
+        if self.log_checkpoints: self._upload_checkpoints(upload=False)  # an earlier fit's file is not this run's
         if not resume:
             self._log_params(run_params(learn))
             scheduler = next((cb for cb in learn.cbs if isinstance(cb, PhaseScheduler)), None)
@@ -257,7 +258,8 @@ class RunLogger(Callback):
         row = dict(zip(recorder.names, recorder.values[-1]))
         self._log_epoch({k: float(v) for k, v in row.items() if k != 'epoch'}, self.learn.epoch, self.learn.train_iter)
 
-    def _upload_checkpoints(self):
+    def _upload_checkpoints(self, upload: bool = True):
+        "Upload each checkpoint callback's newest file once; `upload=False` only marks the files there now as seen."
         for cb in self.learn.cbs:
             if not isinstance(cb, CheckpointCallback): continue
             files = checkpoint_files(self.learn, cb.fname)
@@ -266,7 +268,7 @@ class RunLogger(Callback):
             stamp = newest.stat().st_mtime_ns
             if self._ckpt_logged.get(str(newest)) == stamp: continue
             self._ckpt_logged[str(newest)] = stamp
-            self._log_file(newest, 'checkpoints')
+            if upload: self._log_file(newest, 'checkpoints')
 
     def after_fit(self):
         "End the run: FINISHED, or FAILED / KILLED when the fit ends by an exception / Ctrl-C (checkpoints and model first, on request)."
@@ -429,7 +431,8 @@ def _wandb_records(path) -> list:
 
 def read_wandb_run(path, timeout: float = 30.) -> dict:
     """What a W&B run directory (or its `run-ID.wandb` file) holds, read without a server: `id`, `project`, `name`,
-    `group`, `job_type`, `config`, `history` (a dict per logged step), `summary`, `exit_code` (None while it runs).
+    `group`, `job_type`, `config`, `history` (a dict per logged step), `summary`, `artifacts` (name: its files),
+    `exit_code` (None while it runs).
     W&B's service writes the file after `run.finish()` has returned: this waits up to `timeout` seconds for the run's
     exit record (0: read what is there now)."""
     import json
@@ -445,7 +448,7 @@ def read_wandb_run(path, timeout: float = 30.) -> dict:
         time.sleep(0.1)
     def key(item): return item.key or '/'.join(item.nested_key)
     out = {'id': None, 'project': None, 'name': None, 'group': None, 'job_type': None, 'config': {}, 'history': [],
-           'summary': {}, 'exit_code': None}
+           'summary': {}, 'artifacts': {}, 'exit_code': None}
     for record in records:
         kind = record.WhichOneof('record_type')
         if kind == 'run':
@@ -454,6 +457,7 @@ def read_wandb_run(path, timeout: float = 30.) -> dict:
         elif kind == 'config': out['config'].update({key(i): json.loads(i.value_json) for i in record.config.update})
         elif kind == 'history': out['history'].append({key(i): json.loads(i.value_json) for i in record.history.item})
         elif kind == 'summary': out['summary'].update({key(i): json.loads(i.value_json) for i in record.summary.update})
+        elif kind == 'artifact': out['artifacts'][record.artifact.name] = [e.path for e in record.artifact.manifest.contents]
         elif kind == 'exit': out['exit_code'] = record.exit.exit_code
     return out
 

@@ -123,11 +123,11 @@ def test_mlflow_resumed_fit_continues_its_run(mlflow_server, tmp_path):
     "Ctrl-C in epoch 1: the run is KILLED; the fit resumed from the checkpoint goes on in the same run and ends FINISHED."
     client = MlflowClient(tracking_uri=mlflow_server)
     learn = digits_learner(tmp_path)
-    cb = MLflowCallback(tracking_uri=mlflow_server, experiment='resume')
+    cb = MLflowCallback(tracking_uri=mlflow_server, experiment='resume', log_every=0)
     with pytest.raises(KeyboardInterrupt): learn.fit(3, cbs=[cb, CheckpointCallback(), Fail(KeyboardInterrupt(), epoch=1)])
     assert client.get_run(cb.run_id).info.status == 'KILLED'
     learn2 = digits_learner(tmp_path)
-    cb2 = MLflowCallback(tracking_uri=mlflow_server, experiment='resume')
+    cb2 = MLflowCallback(tracking_uri=mlflow_server, experiment='resume', log_every=0)
     learn2.fit(3, cbs=[cb2, CheckpointCallback()], resume='checkpoint')
     assert cb2.run_id == cb.run_id
     assert client.get_run(cb.run_id).info.status == 'FINISHED'
@@ -135,7 +135,8 @@ def test_mlflow_resumed_fit_continues_its_run(mlflow_server, tmp_path):
     history = client.get_metric_history(cb.run_id, 'valid_loss')
     assert sorted(m.step for m in history) == [0, 1, 2]
     steps = sorted(m.step for m in client.get_metric_history(cb.run_id, 'lr'))
-    assert steps[-1] <= 3 * len(learn.dls.train) and steps[-1] > 2 * len(learn.dls.train)  # train_iter goes on after resuming
+    n = len(learn.dls.train)  # every batch logged (log_every=0): up to Ctrl-C in epoch 1, then from the checkpoint (end of epoch 0) on
+    assert set(steps) == set(range(1, 3 * n + 1)) and steps.count(n + 1) == 2 and steps.count(3 * n) == 1
 
 
 def test_mlflow_file_store_failed_and_lr_find(tmp_path, monkeypatch):
@@ -186,12 +187,16 @@ def test_fit_failing_before_the_trackers_start(tmp_path, monkeypatch):
 def test_wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv('WANDB_SILENT', 'true')
     learn = digits_learner(tmp_path)
-    cb = WandbCallback(project='phaselearn-test', run_name='digits', mode='offline', dir=tmp_path / 'wb', log_every=0)
-    learn.fit_phases(plan(), cbs=[cb, ThroughputCallback()])
-    with pytest.raises(ValueError, match='boom'): learn.fit(1, cbs=[cb, Fail(ValueError('boom'))])
+    cb = WandbCallback(project='phaselearn-test', run_name='digits', mode='offline', dir=tmp_path / 'wb', log_every=0,
+                       log_checkpoints=True, log_model=True)
+    learn.fit_phases(plan(), cbs=[cb, ThroughputCallback(), CheckpointCallback()])
+    # failing in epoch 0, before any checkpoint of its own: the first fit's checkpoint file is not this run's
+    with pytest.raises(ValueError, match='boom'): learn.fit(1, cbs=[cb, CheckpointCallback(), Fail(ValueError('boom'))])
     first, failed = [read_wandb_run(d) for d in wandb_run_dirs(tmp_path / 'wb')]
     assert first['project'] == 'phaselearn-test' and first['name'] == 'digits' and first['exit_code'] == 0
     assert first['summary']['status'] == 'FINISHED' and failed['summary']['status'] == 'FAILED' and failed['exit_code'] == 1
+    assert first['artifacts'] == {f"checkpoints-{first['id']}": ['checkpoint.pt'], f"model-{first['id']}": ['model.pt']}
+    assert failed['artifacts'] == {}  # (and no final model from a failed fit)
     assert first['config']['n_phases'] == '2' and first['config']['phase_1'].startswith('TrainingPhase(epochs=1, lr=SchedCos(')
     steps = {row['_step']: row for row in first['history']}
     n = 2 * len(learn.dls.train)
