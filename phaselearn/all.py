@@ -24,3 +24,4 @@ from .tracking import *
 from .demo import *
 from .compile import *
 from .fsdp import *
+from .trackers import *

@@ -86,3 +86,25 @@ def test_cuda_sync_debug_mode():
         syncs = cuda_sync_warnings(lambda: learn.fit(n_epoch))
     n_batches = n_epoch * (len(learn.dls.train) + len(learn.dls.valid))
     assert len(syncs) < 5 * n_epoch, f"{len(syncs)} syncs for {n_batches} batches: {[str(w.message)[:100] for w in syncs[:5]]}"
+
+
+def test_trackers_add_no_per_batch_sync(tmp_path, monkeypatch):
+    "MLflow, W&B (offline), throughput and Optuna pruning attached: a few reads per fit and epoch more, none per batch."
+    optuna, _, _ = (pytest.importorskip(m) for m in ('optuna', 'mlflow', 'wandb'))
+    from phaselearn.trackers import MLflowCallback, WandbCallback, ThroughputCallback, OptunaPruningCallback
+    monkeypatch.setenv('WANDB_SILENT', 'true')
+    def count(n_epoch, trackers):
+        learn = digits_learner(path=tmp_path)
+        learn.progress.refresh = 1e9  # the loggers read the loss at the progress display's rate: per epoch here
+        cbs = [MLflowCallback(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_location=tmp_path / 'artifacts'), WandbCallback(mode='offline', dir=tmp_path),
+               ThroughputCallback(), OptunaPruningCallback(optuna.create_study().ask())] if trackers else []
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            learn.fit(1)
+            with SyncCounter() as counter: learn.fit(n_epoch, cbs=cbs)
+        return counter
+    plain, tracked = count(2, False), count(2, True)
+    extra = tracked.total(exclude=('torch.optim',)) - plain.total(exclude=('torch.optim',))
+    assert 0 <= extra <= 2 + 2 * 2, (dict(plain.calls), dict(tracked.calls))  # the first step's loss, then per epoch
+    assert tracked.by_origin('phaselearn') == tracked.total(exclude=('torch.optim',)), dict(tracked.calls)  # no library reads tensors
+    longer = count(6, True)
+    assert longer.total(exclude=('torch.optim',)) <= 3 * tracked.total(exclude=('torch.optim',))
