@@ -94,14 +94,21 @@ def _rebuild_opt_over_shards(old: OptimWrapper, model: nn.Module, names: dict) -
 def _gradient_accumulation(learn):
     return next((cb for cb in learn.cbs if isinstance(cb, GradientAccumulation)), None)
 
+@document_params
 class FSDPCallback(DistributedCallback):
     """FSDP2 during a fit under torchrun: shards `learn.model` with `fully_shard` (each module `wrap` matches, then the
     root), builds the optimizer over the shards, and, as `DistributedCallback` does, shards the data (`bs` is the global
     batch), reduces loss and metrics, and lets rank 0 speak. `learn.save` gathers full weights to rank 0. `mesh`: FSDP2's
     `DeviceMesh`; a 2-D one (replicate, shard) is HSDP: replicas across nodes, each sharded within a node."""
     order = -40
-    def __init__(self, wrap=None, mp_policy: MixedPrecisionPolicy | None = None, reshard_after_forward: bool = True,
-                 shard_valid: bool = True, reduce_loss: bool = True, mesh=None):
+    def __init__(self,
+                 wrap=None,  # modules to shard each on its own before the root: an `nn.Module` class, a list of them or a `callable(module) -> bool` (None: only the root)
+                 mp_policy: MixedPrecisionPolicy | None = None,  # FSDP2's mixed precision (e.g. `MixedPrecisionPolicy(param_dtype=torch.bfloat16)`); None: FSDP2's default, no casting
+                 reshard_after_forward: bool = True,  # free the gathered parameters after the forward pass and gather them again for the backward (less memory, more communication)
+                 shard_valid: bool = True,  # each process validates its share of the validation set (False: every process validates all of it)
+                 reduce_loss: bool = True,  # average the loss over the processes for the epoch table
+                 mesh=None,  # FSDP2's `DeviceMesh` (a 2-D (replicate, shard) one is HSDP); None: one shard group of all processes
+                ):
         super().__init__(shard_valid=shard_valid, reduce_loss=reduce_loss)
         _matcher(wrap)   # bad input fails here, not at the fit
         if mp_policy is not None and not isinstance(mp_policy, MixedPrecisionPolicy):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math, numbers
 from bisect import bisect_right
 import numpy as np
+from .core import document_params
 
 # %% auto #0
 __all__ = ['Schedule', 'SchedLin', 'SchedCos', 'SchedExp', 'SchedPoly', 'SchedConst', 'SchedNo', 'CombinedSchedule',
@@ -286,20 +287,32 @@ class _FactorSchedule(Schedule):
         return slice(None if self._lo_none else self.start.start * f, self.start.stop * f)
 
 # %% ../nbs/06_schedule.ipynb #239d9d1d
+@document_params
 class SchedStep(_FactorSchedule):
     """Step decay: `start * gamma ** floor(t / step_size)` at position `t = pct * total`. `total=None` gives `step_size`
     as a fraction of the phase; `total=n` in units of a phase of `n` (torch's `StepLR(step_size, gamma)` over `n` steps)."""
     _repr_names = ('start', 'step_size', 'gamma', 'total')
-    def __init__(self, start, step_size, gamma: float = 0.1, total=None):
+    def __init__(self,
+                 start,  # value before the first step down: a number, an array (one per layer group) or a slice
+                 step_size,  # length between two multiplications by `gamma`, in units of `total` (fractions of the phase when `total=None`); > 0 and at most the phase
+                 gamma: float = 0.1,  # factor applied every `step_size` (torch's `StepLR` gamma)
+                 total=None,  # units the phase spans (e.g. its optimizer steps: positions and lengths are then in steps), or None: fractions of the phase
+                ):
         super().__init__(start, total)
         self.step_size, self.gamma = _check_length(step_size, 'step_size', self._total), _check_number(gamma, 'gamma')
     def _factor(self, t): return self.gamma ** math.floor(_snap(t / self.step_size))
 
+@document_params
 class SchedMultiStep(_FactorSchedule):
     """Multi-step decay: `start * gamma ** m`, `m` the number of `milestones` at or before position `t = pct * total`
     (a milestone given twice counts twice, as in torch's `MultiStepLR`). `total=None`: milestones are fractions of the phase."""
     _repr_names = ('start', 'milestones', 'gamma', 'total')
-    def __init__(self, start, milestones, gamma: float = 0.1, total=None):
+    def __init__(self,
+                 start,  # value before the first milestone: a number, an array (one per layer group) or a slice
+                 milestones,  # sorted positions at which the value is multiplied by `gamma`, in units of `total` (fractions of the phase when `total=None`); one given twice counts twice
+                 gamma: float = 0.1,  # factor applied at each milestone (torch's `MultiStepLR` gamma)
+                 total=None,  # units the phase spans (e.g. its optimizer steps: positions and lengths are then in steps), or None: fractions of the phase
+                ):
         super().__init__(start, total)
         if isinstance(milestones, (str, bytes)) or not hasattr(milestones, '__iter__'):
             raise ValueError(f"milestones must be a list of positions (sorted), got {milestones!r}")
@@ -309,12 +322,19 @@ class SchedMultiStep(_FactorSchedule):
     def _factor(self, t): return self.gamma ** bisect_right(self.milestones, t)
 
 # %% ../nbs/06_schedule.ipynb #5d7d728c
+@document_params
 class SchedExpDecay(_FactorSchedule):
     """Exponential decay by a rate: `start * rate ** (t / period)`, or `start * rate ** floor(t / period)` with
     `staircase=True` (Keras' `ExponentialDecay`; torch's `ExponentialLR(gamma)` is `rate=gamma, period=1, total=n`).
     `SchedExp` goes from a start to an end instead; this one is for a rate per unit of time."""
     _repr_names = ('start', 'rate', 'period', 'staircase', 'total')
-    def __init__(self, start, rate: float, period: float = 1., staircase: bool = False, total=None):
+    def __init__(self,
+                 start,  # value at `pct=0`: a number, an array (one per layer group) or a slice
+                 rate: float,  # factor the value is multiplied by every `period` (> 0; below 1 it decays)
+                 period: float = 1.,  # length over which the value is multiplied by `rate` once, in units of `total` (fractions of the phase when `total=None`); > 0
+                 staircase: bool = False,  # multiply by `rate` only at whole periods, `rate ** floor(t / period)` (False: smoothly, `rate ** (t / period)`)
+                 total=None,  # units the phase spans (e.g. its optimizer steps: positions and lengths are then in steps), or None: fractions of the phase
+                ):
         super().__init__(start, total)
         if not _is_real(rate) or not rate > 0 or not math.isfinite(rate):
             raise ValueError(f"rate must be a finite number > 0 (the factor per period), got {rate!r}")
@@ -326,11 +346,18 @@ class SchedExpDecay(_FactorSchedule):
         return self.rate ** (math.floor(_snap(e)) if self.staircase else e)
 
 # %% ../nbs/06_schedule.ipynb #92cb53a9
+@document_params
 class SchedInvTime(_FactorSchedule):
     """Inverse time decay: `start / (1 + rate * t / period)`, `t / period` floored with `staircase=True` (Keras'
     `InverseTimeDecay(initial, decay_steps=period, decay_rate=rate, staircase)`)."""
     _repr_names = ('start', 'rate', 'period', 'staircase', 'total')
-    def __init__(self, start, rate: float, period: float = 1., staircase: bool = False, total=None):
+    def __init__(self,
+                 start,  # value at `pct=0`: a number, an array (one per layer group) or a slice
+                 rate: float,  # decay rate (>= 0): the value is `start / (1 + rate * t / period)` (Keras' `decay_rate`)
+                 period: float = 1.,  # length that `t` is divided by, in units of `total` (fractions of the phase when `total=None`); > 0 (Keras' `decay_steps`)
+                 staircase: bool = False,  # use `floor(t / period)`: the value drops only at whole periods (False: smoothly)
+                 total=None,  # units the phase spans (e.g. its optimizer steps: positions and lengths are then in steps), or None: fractions of the phase
+                ):
         super().__init__(start, total)
         if not _is_real(rate) or not 0 <= rate < math.inf: raise ValueError(f"rate must be a finite number >= 0, got {rate!r}")
         if not _is_real(period) or not 0 < period < math.inf: raise ValueError(f"period must be a finite number > 0, got {period!r}")
@@ -340,13 +367,19 @@ class SchedInvTime(_FactorSchedule):
         return 1 / (1 + self.rate * (math.floor(_snap(e)) if self.staircase else e))
 
 # %% ../nbs/06_schedule.ipynb #cb395c67
+@document_params
 class SchedInvSqrt(_FactorSchedule):
     """Inverse square root with a linear warm-up (the Transformer's schedule): `start * t / warmup` for `t < warmup`, then
     `start / sqrt((t + timescale - warmup) / timescale)` (`timescale` defaults to `warmup`, so the peak `start` is at
     `t = warmup`). The formula of Hugging Face's `get_inverse_sqrt_schedule`; Vaswani et al.'s
     `d**-0.5 * min(s**-0.5, s * w**-1.5)` is `start = (d * w)**-0.5` at `t = s`."""
     _repr_names = ('start', 'warmup', 'timescale', 'total')
-    def __init__(self, start, warmup, timescale=None, total=None):
+    def __init__(self,
+                 start,  # the peak value, reached at the end of the warm-up: a number, an array (one per layer group) or a slice
+                 warmup,  # length of the linear warm-up from 0 to `start`, in units of `total` (fractions of the phase when `total=None`); 0: no warm-up
+                 timescale=None,  # after the warm-up the value is `start / sqrt(1 + (t - warmup) / timescale)`, in the units of `warmup` (> 0); None: `warmup` (when `warmup` is 0: 1e4 units with `total`, 0.1 of the phase without)
+                 total=None,  # units the phase spans (e.g. its optimizer steps: positions and lengths are then in steps), or None: fractions of the phase
+                ):
         super().__init__(start, total)
         self.warmup = _check_length(warmup, 'warmup', self._total, zero_ok=True)
         if timescale is None: timescale = self.warmup or (1e4 if total is not None else 0.1)
@@ -358,12 +391,20 @@ class SchedInvSqrt(_FactorSchedule):
         return 1.0 / math.sqrt((t + (self.timescale - self.warmup)) / self.timescale)
 
 # %% ../nbs/06_schedule.ipynb #82bb0bc0
+@document_params
 class SchedPolyDecay(_StartEndSchedule):
     """Polynomial decay as torch (`PolynomialLR`), Hugging Face, Composer and Keras define it:
     `end + (start - end) * (1 - t / period) ** power`, held at `end` after `period` (default: the whole phase). With
     `cycle=True` (Keras' `cycle`) it restarts instead, over a period stretched to the next multiple of `period`."""
     _repr_names = ('start', 'end', 'power', 'period', 'cycle', 'total')
-    def __init__(self, start, end=0., power: float = 1., period=None, cycle: bool = False, total=None):
+    def __init__(self,
+                 start,  # value at `pct=0`: a number, an array (one per layer group) or a slice
+                 end=0.,  # value reached after `period` (and held, unless `cycle`), of the same kind as `start`
+                 power: float = 1.,  # exponent of `(1 - t / period)` (> 0; 1: linear)
+                 period=None,  # length of the decay, in units of `total` (fractions of the phase when `total=None`); at most the phase; None: the whole phase
+                 cycle: bool = False,  # after `period`, decay again from higher up, over a period stretched to the next multiple of `period` (Keras' `cycle`); False: hold `end`
+                 total=None,  # units the phase spans (e.g. its optimizer steps: positions and lengths are then in steps), or None: fractions of the phase
+                ):
         if not _is_real(power) or not (0 < power < math.inf):
             raise ValueError(f"SchedPolyDecay: power must be a finite real number > 0, got {power!r}")
         super().__init__(start, end)
@@ -398,6 +439,7 @@ def _cycle_spans(name: str, args: str, period: float, mult: float, total) -> tup
         length = int(mult * length) if total is not None else mult * length
     return starts, lengths
 
+@document_params
 class SchedCyclic(_StartEndSchedule):
     """Smith's cyclical rates, as torch's `CyclicLR` computes them: from `start` up to `end` over `step_up` units, back
     down over `step_down` (default `step_up`), again and again. `mode='triangular'` keeps the height, `'triangular2'`
@@ -405,8 +447,16 @@ class SchedCyclic(_StartEndSchedule):
     `cycle_mult` (ignite's) makes cycle `i` last `(step_up + step_down) * cycle_mult**i` units, the share going up kept;
     with `total=n` each cycle is truncated from the previous one, `int(cycle_mult * previous)`."""
     _repr_names = ('start', 'end', 'step_up', 'step_down', 'mode', 'gamma', 'cycle_mult', 'total')
-    def __init__(self, start, end, step_up, step_down=None, mode: str = 'triangular', gamma: float = 1., cycle_mult: float = 1.,
-                 total=None):
+    def __init__(self,
+                 start,  # the low value, where every cycle begins and ends (torch's `base_lr`): a number, an array (one per layer group) or a slice
+                 end,  # the high value, reached after `step_up` (torch's `max_lr`), of the same kind as `start`
+                 step_up,  # length of the rise from `start` to `end` in the first cycle, in units of `total` (fractions of the phase when `total=None`); > 0
+                 step_down=None,  # length of the fall back to `start` in the first cycle, in the units of `step_up` (> 0); None: `step_up`
+                 mode: str = 'triangular',  # 'triangular' (same height every cycle), 'triangular2' (height halved each cycle) or 'exp_range' (height times `gamma ** t`)
+                 gamma: float = 1.,  # for `mode='exp_range'`: the height is multiplied by `gamma ** t`, `t` the position in units (> 0)
+                 cycle_mult: float = 1.,  # each cycle's length over the previous one's (> 0; 1: all cycles alike); the share going up is kept
+                 total=None,  # units the phase spans (e.g. its optimizer steps: positions and lengths are then in steps), or None: fractions of the phase
+                ):
         super().__init__(start, end)
         self.total, self._total = total, _check_total(total)
         if mode not in _CYCLIC_MODES: raise ValueError(f"mode must be one of {_CYCLIC_MODES}, got {mode!r}")
@@ -440,6 +490,7 @@ class SchedCyclic(_StartEndSchedule):
         return self._start + height * self.gamma ** t
 
 # %% ../nbs/06_schedule.ipynb #22b328ab
+@document_params
 class SchedCosRestarts(_StartEndSchedule):
     """Cosine annealing with warm restarts (SGDR) inside one schedule: cycle `i` goes from `start * peak_mult**i` down to
     the floor `end * end_mult**i` by a cosine, over `period * period_mult**i` units (ignite's `start_value_mult` and
@@ -447,7 +498,15 @@ class SchedCosRestarts(_StartEndSchedule):
     cycle's length is truncated from the previous one, `int(period_mult * previous)`, as torch
     (`CosineAnnealingWarmRestarts`), ignite and Composer do; with `total=None` lengths are fractions of the phase."""
     _repr_names = ('start', 'end', 'period', 'period_mult', 'peak_mult', 'end_mult', 'total')
-    def __init__(self, start, end=0., period=1., period_mult: float = 1., peak_mult: float = 1., end_mult: float = 1., total=None):
+    def __init__(self,
+                 start,  # value at the start of the first cycle (its peak): a number, an array (one per layer group) or a slice
+                 end=0.,  # value at the end of the first cycle (its floor), of the same kind as `start`
+                 period=1.,  # length of the first cycle, in units of `total` (fractions of the phase when `total=None`); > 0, a whole number of units with `total`
+                 period_mult: float = 1.,  # each cycle's length over the previous one's (> 0; torch's `T_mult`); truncated to whole units with `total`
+                 peak_mult: float = 1.,  # each cycle's peak over the previous one's (> 0; ignite's `start_value_mult`)
+                 end_mult: float = 1.,  # each cycle's floor over the previous one's (> 0; ignite's `end_value_mult`)
+                 total=None,  # units the phase spans (e.g. its optimizer steps: positions and lengths are then in steps), or None: fractions of the phase
+                ):
         super().__init__(start, end)
         self.total, self._total = total, _check_total(total)
         self.period = _check_length(period, 'period', math.inf)
@@ -483,6 +542,7 @@ class _SchedSqrtRise(_StartEndSchedule):
 
 _WSD_WARMUPS = {'linear': SchedLin, 'cosine': SchedCos, '1-sqrt': _SchedSqrtRise}
 
+@document_params
 class SchedWSD(Schedule):
     """Warmup-stable-decay, the schedule of current LLM pre-training: linear warm-up from `start` to `peak` over `warmup`
     units, `peak` held, then a decay to `end` over the last `decay` units, shaped `decay_shape` ('linear', 'cosine' or
@@ -490,7 +550,16 @@ class SchedWSD(Schedule):
     warm-up progress `t / warmup`, decay progress `(t - decay_start) / decay`. `total=None`: `warmup` and `decay` are
     fractions of the phase."""
     _repr_names = ('peak', 'warmup', 'decay', 'end', 'start', 'decay_shape', 'warmup_shape', 'total')
-    def __init__(self, peak, warmup, decay, end=0., start=0., decay_shape: str = 'linear', warmup_shape: str = 'linear', total=None):
+    def __init__(self,
+                 peak,  # value held between the warm-up and the decay: a number, an array (one per layer group) or a slice
+                 warmup,  # length of the warm-up from `start` to `peak`, in units of `total` (fractions of the phase when `total=None`); 0: none
+                 decay,  # length of the final decay from `peak` to `end`, in units of `total` (fractions of the phase when `total=None`); `warmup + decay` fits in the phase
+                 end=0.,  # value at the end of the decay (the end of the phase)
+                 start=0.,  # value at `pct=0`, where the warm-up begins
+                 decay_shape: str = 'linear',  # shape of the decay: 'linear', 'cosine' or '1-sqrt'
+                 warmup_shape: str = 'linear',  # shape of the warm-up: 'linear', 'cosine' or '1-sqrt'
+                 total=None,  # units the phase spans (e.g. its optimizer steps: positions and lengths are then in steps), or None: fractions of the phase
+                ):
         if decay_shape not in _WSD_DECAYS: raise ValueError(f"decay_shape must be one of {list(_WSD_DECAYS)}, got {decay_shape!r}")
         if warmup_shape not in _WSD_WARMUPS: raise ValueError(f"warmup_shape must be one of {list(_WSD_WARMUPS)}, got {warmup_shape!r}")
         self.total, self._total = total, _check_total(total)
@@ -511,12 +580,17 @@ class SchedWSD(Schedule):
         return self._down(min((t - self._decay_start) / self.decay, 1.)) if self.decay else self._flat(0.)
 
 # %% ../nbs/06_schedule.ipynb #9b1fdef6
+@document_params
 class SchedWindow(Schedule):
     """The part of `sched` between positions `start` and `end` (0 <= start < end <= 1), stretched over the phase: a schedule
     whose horizon is longer than the phase (`SchedWindow(SchedCos(1e-3, 0), end=0.6)`: a run stopped at 60% of a cosine
     planned for longer), or one continued in a later phase (`start=0.6`)."""
     _repr_names = ('sched', 'start', 'end')
-    def __init__(self, sched, start: float = 0., end: float = 1.):
+    def __init__(self,
+                 sched,  # the longer schedule to take a part of (a callable `pct -> value`)
+                 start: float = 0.,  # position in `sched` (a fraction of it, 0 <= start < end) at which the window, and the phase, begins
+                 end: float = 1.,  # position in `sched` (a fraction of it, at most 1) at which the window, and the phase, ends
+                ):
         if not callable(sched): raise ValueError(f"SchedWindow needs a schedule (a callable pct -> value), got {sched!r}")
         if not (_is_real(start) and _is_real(end) and 0 <= start < end <= 1):
             raise ValueError(f"SchedWindow: need 0 <= start < end <= 1 (positions in the longer schedule), got start={start!r}, end={end!r}")
