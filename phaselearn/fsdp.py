@@ -15,6 +15,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      get_state_dict, set_model_state_dict, set_state_dict)
 from .core import *
+from .core import document_params
 from .callback import *
 from .optimizer import OptimWrapper
 from .learner import *
@@ -25,8 +26,7 @@ from .checkpoint import *
 from .checkpoint import _checkpoint_base, CHECKPOINT_VERSION
 
 # %% auto #0
-__all__ = ['is_sharded', 'shard_model', 'FSDPCallback', 'full_model_state', 'sharded_checkpoint_dirs', 'check_sharded_checkpoint',
-           'read_sharded_checkpoint', 'ShardedResumeCallback', 'resume_from_sharded', 'dcp_to_weights']
+__all__ = ['is_sharded', 'shard_model', 'FSDPCallback', 'dcp_to_weights']
 
 # %% ../nbs/19b_fsdp.ipynb #b713d4b7
 def is_sharded(model: nn.Module) -> bool:

@@ -16,9 +16,8 @@ from .phases import PhaseScheduler, _learner_preview
 from .checkpoint import CheckpointCallback, ResumeCallback, checkpoint_files
 
 # %% auto #0
-__all__ = ['PEAK_FLOPS', 'known_peak_flops', 'ThroughputColumn', 'ThroughputCallback', 'needs_package', 'run_params',
-           'step_hypers', 'fit_status', 'RunLogger', 'MLflowCallback', 'WandbCallback', 'read_wandb_run',
-           'wandb_run_dirs', 'OptunaPruningCallback']
+__all__ = ['PEAK_FLOPS', 'known_peak_flops', 'ThroughputColumn', 'ThroughputCallback', 'RunLogger', 'MLflowCallback',
+           'WandbCallback', 'read_wandb_run', 'wandb_run_dirs', 'OptunaPruningCallback']
 
 # %% ../nbs/19b_trackers.ipynb #c007
 # dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by a part of the device's name, most specific first

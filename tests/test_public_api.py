@@ -44,7 +44,9 @@ USER_API = {
                  'TerminateOnNaNCallback', 'TensorBoardCallback'],
     'demo': ['digits_model', 'train_digits'],
     'compile': ['CompiledStep'],
-    'fsdp': ['FSDPCallback', 'shard_model', 'dcp_to_weights'],
+    'fsdp': ['is_sharded', 'shard_model', 'FSDPCallback', 'dcp_to_weights'],
+    'trackers': ['PEAK_FLOPS', 'known_peak_flops', 'ThroughputColumn', 'ThroughputCallback', 'RunLogger', 'MLflowCallback',
+                 'WandbCallback', 'read_wandb_run', 'wandb_run_dirs', 'OptunaPruningCallback'],
 }
 
 # Helpers that left the star import: still importable from their modules (code written against them keeps working).
