@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      get_state_dict, set_model_state_dict, set_state_dict)
 from .core import *
-from .core import document_params
+from .core import document_params, atomic_save
 from .callback import *
 from .optimizer import OptimWrapper
 from .learner import *

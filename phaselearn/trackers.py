@@ -10,6 +10,7 @@ import torch
 from .core import *
 from .callback import *
 from .metrics import *
+from .metrics import batch_size
 from .recorder import *
 from .learner import unwrap_model
 from .phases import PhaseScheduler, _learner_preview
