@@ -196,12 +196,14 @@ class RunLogger(Callback):
             raise ValueError(f"log_every must be None (the progress display's refresh) or seconds >= 0, got {log_every!r}")
         self.log_every, self.log_checkpoints, self.log_model = log_every, log_checkpoints, log_model
         self.hypers = None if hypers is None else list(hypers)
-        self.run_id, self._run_has_fit, self.status, self._open_run = None, False, None, None
+        self.run_id, self._run_has_fit, self.status, self._open_run, self._silent = None, False, None, None, False
 
     def before_fit(self):
         "Start a run (or go on with the one a resumed checkpoint names; a nested one for `lr_find`) and log the parameters and the plan."
         learn = self.learn
         self._outer, self._open_run, self._ckpt_logged = sys.exc_info()[1], None, {}
+        self._silent = not is_main_process()  # under torch.distributed one run, written by rank 0 (the others log nothing)
+        if self._silent: return
         self._finder = next((cb for cb in learn.cbs if type(cb).__name__ == 'LRFinder'), None)
         if self._finder is not None:  # lr_find: a child run of this callback's run
             if self.run_id is None: self.run_id = self._open(None, resume=False)
@@ -239,7 +241,7 @@ class RunLogger(Callback):
     def after_batch(self):
         "At most every `log_every` seconds (default: the progress display's refresh), the smoothed loss and the hyperparameters."
         learn = self.learn
-        if not learn.training or learn.batch_cancelled or self._finder is not None: return
+        if not learn.training or learn.batch_cancelled or self._silent or self._finder is not None: return
         if time.perf_counter() < self._next_log: return
         values = step_hypers(learn.opt, self._names)
         loss = learn.recorder.smooth_loss.value  # one transfer for the batches since the last read
@@ -249,11 +251,11 @@ class RunLogger(Callback):
 
     def before_epoch(self):
         "Upload the checkpoint the last epoch wrote (with `log_checkpoints`)."
-        if self._finder is None and self.log_checkpoints: self._upload_checkpoints()
+        if self._finder is None and self.log_checkpoints and not self._silent: self._upload_checkpoints()
 
     def after_epoch(self):
         "The epoch's row of the recorder's table, under its column names."
-        if self._finder is not None: return
+        if self._silent or self._finder is not None: return
         recorder = self.learn.recorder
         row = dict(zip(recorder.names, recorder.values[-1]))
         self._log_epoch({k: float(v) for k, v in row.items() if k != 'epoch'}, self.learn.epoch, self.learn.train_iter)

@@ -51,7 +51,7 @@ def test_sgd_momentum_is_not_bounded_by_one_but_adam_beta1_is():
     (TrainingPhase(epochs=1, mom=2.), 'mom in phase 1'), (TrainingPhase(epochs=1, eps=-1.), 'eps in phase 1'),
     (TrainingPhase(epochs=1, mom=SchedCos(0.9, 1.1)), 'at iteration'), (TrainingPhase(epochs=1, lr=SchedLin(1e-2, -1e-2)), 'negative'),
     (TrainingPhase(epochs=1, lr=slice(1e-4, float('nan'))), 'lr'),
-    (TrainingPhase(epochs=1, mom='0.9'), "mom in phase 1"), (TrainingPhase(epochs=1, lr=lambda pct: 'fast'), 'lr in phase 1'),
+    (TrainingPhase(epochs=1, lr=lambda pct: 'fast'), 'lr in phase 1'),
     (TrainingPhase(epochs=1, betas=(0.9, 0.99)), 'set mom (betas[0]) and sqr_mom (betas[1])')])
 def test_every_value_of_a_plan_is_checked_before_the_first_batch(phase, message):
     learn = make_learner()
@@ -59,6 +59,10 @@ def test_every_value_of_a_plan_is_checked_before_the_first_batch(phase, message)
     with pytest.raises((ValueError, TypeError)) as info: learn.fit_phases([TrainingPhase(iters=3), phase])
     assert message in str(info.value), str(info.value)
     assert_weights(learn, before)
+
+
+def test_a_string_hyperparameter_is_refused_when_the_phase_is_built():
+    with pytest.raises(TypeError, match=r"TrainingPhase\(mom='0.9'\): a hyperparameter is a number"): TrainingPhase(epochs=1, mom='0.9')
 
 
 def test_a_plan_message_names_hyperparameter_phase_iteration_and_range():

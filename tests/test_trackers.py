@@ -290,3 +290,20 @@ def test_throughput_counts_tokens(tmp_path):
 def test_mfu_needs_a_known_peak():
     assert known_peak_flops('cpu') is None
     assert PEAK_FLOPS['H100'] == 989e12
+
+
+def test_only_rank_zero_opens_a_run(tmp_path, monkeypatch):
+    "Under torch.distributed every rank runs the callback; ranks other than 0 log nothing, so a job makes one run, not one per rank."
+    import phaselearn.trackers as trackers
+    monkeypatch.setenv('MLFLOW_ALLOW_FILE_STORE', 'true')
+    uri = (tmp_path / 'mlruns').as_uri()
+    monkeypatch.setattr(trackers, 'is_main_process', lambda: False)   # this process plays rank 1
+    learn = digits_learner(tmp_path)
+    cb = MLflowCallback(tracking_uri=uri, experiment='ranks', log_every=0)
+    learn.fit(1, cbs=[cb])
+    assert cb.run_id is None and MlflowClient(tracking_uri=uri).get_experiment_by_name('ranks') is None
+    monkeypatch.setattr(trackers, 'is_main_process', lambda: True)    # rank 0
+    learn.fit(1, cbs=[cb])
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name('ranks').experiment_id])
+    assert [r.info.run_id for r in runs] == [cb.run_id] and runs[0].info.status == 'FINISHED'
