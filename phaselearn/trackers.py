@@ -202,9 +202,9 @@ class RunLogger(Callback):
         "Start a run (or go on with the one a resumed checkpoint names; a nested one for `lr_find`) and log the parameters and the plan."
         learn = self.learn
         self._outer, self._open_run, self._ckpt_logged = sys.exc_info()[1], None, {}
+        self._finder = next((cb for cb in learn.cbs if type(cb).__name__ == 'LRFinder'), None)
         self._silent = not is_main_process()  # under torch.distributed one run, written by rank 0 (the others log nothing)
         if self._silent: return
-        self._finder = next((cb for cb in learn.cbs if type(cb).__name__ == 'LRFinder'), None)
         if self._finder is not None:  # lr_find: a child run of this callback's run
             if self.run_id is None: self.run_id = self._open(None, resume=False)
             self._child_id = self._open_run = self._child(self.run_id)
