@@ -18,6 +18,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from phaselearn.all import *
 from phaselearn.fsdp import FSDPCallback, shard_model
+from phaselearn.data import epoch_permutation
 
 
 class Block(nn.Module):

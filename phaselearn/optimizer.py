@@ -361,7 +361,8 @@ def set_hyper(self: OptimWrapper, name: str, value):
     cls = value.__class__
     if cls is slice and value.stop.__class__ is float and (value.start is None or value.start.__class__ is float):
         # discriminative values of floats, set every batch by a schedule: the spread is monotone, its extremes are checked
-        values = spread_values(value, self.n_groups)
+        try: values = spread_values(value, self.n_groups)
+        except ValueError as e: raise ValueError(f"{name} must be a number, one per layer group or a slice of two positive numbers: {e}") from None
         check_hyper_value(name, min(values), key); check_hyper_value(name, max(values), key)
         return self._set_layer_values(spec, name, values, checked=True)
     if cls is not float and cls is not int:

@@ -107,10 +107,10 @@ def test_bad_learner_arguments_name_the_argument():
     learn = make_learner()
     for call, name in [(lambda: learn.fit(1, lr='0.1'), 'lr'), (lambda: learn.fit_one_cycle(1, lr_max='0.1'), 'lr_max'),
                        (lambda: learn.fit_one_cycle(1, moms=('0.95', 0.85, 0.95)), 'moms'),
-                       (lambda: learn.create_opt().set_hyper('mom', 'high'), 'mom'),
-                       (lambda: learn.fit_phases([TrainingPhase(epochs=1, lr='0.1')]), 'lr')]:
+                       (lambda: learn.create_opt().set_hyper('mom', 'high'), 'mom')]:
         with pytest.raises(TypeError) as info: call()
         assert str(info.value).startswith(name) and 'must be a number (a float), got str' in str(info.value), str(info.value)
+    with pytest.raises(TypeError, match=r"^TrainingPhase\(lr='0.1'\): a hyperparameter is a number"): TrainingPhase(epochs=1, lr='0.1')
 
 
 def test_checkpoint_fname_is_checked_at_construction():

@@ -7,6 +7,7 @@ from phaselearn.all import *
 from phaselearn.recorder import in_notebook
 
 CELLS = ["""from phaselearn.all import *
+from phaselearn.recorder import in_notebook
 print('in_notebook:', in_notebook())""",
          """import torch
 from torch import nn
@@ -47,7 +48,7 @@ def test_in_notebook_in_a_real_kernel_and_the_html_table(tmp_path):
 
 
 def test_not_in_notebook_in_a_plain_process():
-    out = subprocess.run([sys.executable, '-c', 'import sys; from phaselearn.all import in_notebook; '
+    out = subprocess.run([sys.executable, '-c', 'import sys; from phaselearn.recorder import in_notebook; '
                           'print(in_notebook(), "IPython" in sys.modules)'], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ['False', 'False']  # and asking did not import IPython
     assert not in_notebook()  # pytest is no kernel either
