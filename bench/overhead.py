@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 from phaselearn.core import set_seed, to_device
-from phaselearn.data import DataLoaders
+from phaselearn.data import DataLoaders, epoch_permutation
 from phaselearn.callback import Callback
 from phaselearn.metrics import accuracy
 from phaselearn.learner import Learner
@@ -40,6 +40,7 @@ try: import phaselearn.phases  # noqa: F401  (adds Learner.fit_one_cycle)
 except ImportError: pass
 
 LR_MAX, DIV, DIV_FINAL, PCT_START, MOMS = 1e-2, 25., 1e5, 0.25, (0.95, 0.85, 0.95)
+SEED = 0  # the data order of every side: the same batches, so the same computation (costs such as max-pooling's depend on the values)
 DEVICE = 'cpu'  # --device
 DRY_RUN = False  # --dry-run: every case built and run on a few batches, numbers meaningless
 
@@ -139,18 +140,21 @@ def cnn_data():
     return x[:4_000], y[:4_000], x[4_000:], y[4_000:]
 
 class HandGather:
-    "What a hand-written in-memory loop does: a fresh permutation per epoch, one gather per tensor per batch."
-    def __init__(self, x, y, bs, shuffle): self.x, self.y, self.bs, self.shuffle = x, y, bs, shuffle
+    """What a hand-written in-memory loop does: a fresh permutation per epoch, one gather per tensor per batch. The
+    permutations are those of `DataLoaders.from_tensors(..., seed=SEED)`, so both sides train on the same batches."""
+    def __init__(self, x, y, bs, shuffle): self.x, self.y, self.bs, self.shuffle, self.epoch = x, y, bs, shuffle, 0
     def __len__(self): return math.ceil(len(self.x) / self.bs)
     def __iter__(self):
         n, device = len(self.x), self.x.device
-        order = torch.randperm(n, device=device) if self.shuffle else torch.arange(n, device=device)
+        order = (epoch_permutation(n, SEED, self.epoch).to(device) if self.shuffle else torch.arange(n, device=device))
+        self.epoch += 1
         for i in range(len(self)):
             idx = order[i * self.bs:(i + 1) * self.bs]
             yield self.x[idx], self.y[idx]
 
 def torch_loaders(x, y, xv, yv, bs):
-    return (DataLoader(TensorDataset(x, y), batch_size=bs, shuffle=True),
+    "A shuffled training DataLoader with its own generator, seeded alike on every side (the same batches), and a validation one."
+    return (DataLoader(TensorDataset(x, y), batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(SEED)),
             DataLoader(TensorDataset(xv, yv), batch_size=2 * bs, shuffle=False))
 
 
@@ -195,7 +199,7 @@ def build(case, epochs=None):
         else: train_dl, valid_dl = torch_loaders(x, y, xv, yv, bs)
         return lambda: hand_fit(model, train_dl, valid_dl, epochs, bar=side == 'hand_tqdm', layer_groups=problem == 'groups16',
                                 amp=torch.bfloat16 if problem == 'bf16' else None)
-    dls = (DataLoaders.from_tensors(x, y, xv, yv, bs=bs, seed=0, device=DEVICE) if side.startswith('fast')
+    dls = (DataLoaders.from_tensors(x, y, xv, yv, bs=bs, seed=SEED, device=DEVICE) if side.startswith('fast')
            else DataLoaders(*torch_loaders(x, y, xv, yv, bs)))
     learn = make_learner(model, dls, splitter=sequential_splitter if problem == 'groups16' else None)
     if problem == 'bf16': learn.to_bf16()
