@@ -73,3 +73,40 @@ def test_resume_by_path_and_every_file_broken(tmp_path):
     make_learner(tmp_path).fit(2, resume=file)  # a path works as well as a name
     for f in checkpoint_files(learn, 'checkpoint'): f.write_bytes(b'garbage')
     with pytest.raises(FileNotFoundError, match='no usable checkpoint'): make_learner(tmp_path).fit(2, resume='checkpoint')
+
+
+def _tensor_byte_offset(file):
+    "Offset in `file` of the first data byte of a tensor record of the zip (the weights), to damage it on purpose."
+    import zipfile
+    with zipfile.ZipFile(file) as z:
+        info = next(i for i in z.infolist() if '/data/' in i.filename and i.file_size >= 64)
+        with open(file, 'rb') as f:  # the local header: 30 bytes, then the name and the extra field
+            f.seek(info.header_offset + 26); name_len, extra_len = (int.from_bytes(f.read(2), 'little') for _ in range(2))
+    return info.header_offset + 30 + name_len + extra_len + 16
+
+
+def test_sync_checkpoint_skips_the_zip_crc_but_its_checksum_catches_a_flipped_byte(tmp_path):
+    "Sync checkpoints are written without torch's zip CRC-32 (never checked by torch.load): the XXH3 checksum guards them."
+    import zipfile
+    assert torch.serialization.get_crc32_options()
+    learn = make_learner(tmp_path, cbs=[CheckpointCallback(every_iters=5, every_epochs=None, keep=2)])
+    learn.fit(1)
+    assert torch.serialization.get_crc32_options()  # the process-wide setting is put back after every write
+    newest, older = checkpoint_files(learn, 'checkpoint')
+    assert zipfile.ZipFile(newest).testzip() is not None  # no CRC written: the zip's own check would fail ...
+    state = torch.load(newest, weights_only=True)        # ... but torch reads the file
+    assert checksum_matches(state)
+    data = bytearray(newest.read_bytes()); data[_tensor_byte_offset(newest)] ^= 0x10; newest.write_bytes(bytes(data))
+    assert not checksum_matches(torch.load(newest, weights_only=True))  # torch.load does not notice; the checksum does
+    with pytest.warns(RuntimeWarning, match='checkpoint.pt: damaged'):
+        make_learner(tmp_path).fit(1, resume='checkpoint')  # resume falls back to the older, intact file
+
+
+def test_background_write_keeps_the_zip_crc(tmp_path):
+    "A background (async_write) writer leaves the process-wide CRC setting alone: its files carry torch's CRCs."
+    import zipfile
+    learn = make_learner(tmp_path, cbs=[CheckpointCallback(every_iters=5, every_epochs=None, keep=1, async_write=True)])
+    learn.fit(1)
+    file, = checkpoint_files(learn, 'checkpoint')
+    assert zipfile.ZipFile(file).testzip() is None and checksum_matches(torch.load(file, weights_only=True))
+    assert torch.serialization.get_crc32_options()
