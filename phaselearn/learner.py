@@ -345,9 +345,10 @@ def _explain_kw_call(model, batch, label_key, error):
 
 @patch
 def _contexts(self: Learner, hook: str):
-    "The context managers callbacks provide for `hook`, entered together (nothing when there are none)."
+    "The context managers callbacks provide for `hook`, entered together (nothing when there are none, the one itself when one)."
     factories = self._handlers[hook]
     if not factories: return _null_context
+    if len(factories) == 1: return factories[0]()  # the common case (autocast, a FLOP counter): no ExitStack per batch
     stack = contextlib.ExitStack()
     for factory in factories: stack.enter_context(factory())
     return stack
