@@ -7,7 +7,8 @@ in-memory loaders, default callbacks with the progress display on, output discar
 Every round runs both sides in one process, in alternating order, each on a fresh learner; the table shows the median
 over rounds of the ratio tracked / plain, of wall time and of process CPU time (the CPU-time ratio is the steadier one
 on a shared machine). A run's fixed costs (opening and closing the run, logging the parameters and the plan's preview
-plot) are timed apart, in the callbacks' `before_fit` and `after_fit`, and shown with the per-batch remainder.
+plot, the one batch whose FLOPs are counted) are timed apart, in the callbacks' `before_fit` and `after_fit` and around that
+batch, and shown with the per-batch remainder.
 
     python bench/trackers_overhead.py [--rounds 5] [--epochs 3] [--wandb]
 """
@@ -35,6 +36,22 @@ def timed(cb, name, totals, bucket='fixed'):
     setattr(cb, name, wrapper)
 
 
+def timed_flop_count(cb, totals):
+    "Add the batch `ThroughputCallback` runs under `FlopCounterMode` (once per fit, every op intercepted) to the fixed costs."
+    method = cb.batch_context
+    def wrapper():
+        context = method()
+        if context is cb._null: return context
+        @contextlib.contextmanager
+        def timed():
+            start = time.perf_counter()
+            try:
+                with context: yield
+            finally: totals['fixed'] += time.perf_counter() - start
+        return timed()
+    cb.batch_context = wrapper
+
+
 def one_fit(tensors, epochs, tracked, folder, use_wandb, totals):
     import optuna
     set_seed(0)
@@ -48,6 +65,7 @@ def one_fit(tensors, epochs, tracked, folder, use_wandb, totals):
         if use_wandb: cbs.append(WandbCallback(mode='offline', dir=folder))
         for cb in cbs[:1] + cbs[3:]:
             timed(cb, 'before_fit', totals); timed(cb, 'after_fit', totals)
+        timed_flop_count(cbs[1], totals)
         for cb in cbs:  # what the trackers do per training batch, timed where it runs
             if hasattr(type(cb), 'after_batch'): timed(cb, 'after_batch', totals, 'batch')
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -81,10 +99,10 @@ def main():
             fixed_share.append(totals['fixed'])
             remainder.append((w1 - totals['fixed']) / w0)
             hooks.append(totals['batch'] / w0)
-            print(f"  round {r + 1}: plain {w0:.2f}s, tracked {w1:.2f}s wall (of which {totals['fixed']:.2f}s opening/closing the "
-                  f"run), {n} batches", flush=True)
+            print(f"  round {r + 1}: plain {w0:.2f}s, tracked {w1:.2f}s wall (of which {totals['fixed']:.2f}s fixed: "
+                  f"opening/closing the run, the FLOP count), {n} batches", flush=True)
     print(f"\ntracked / plain, median over rounds: wall {statistics.median(walls):.3f}, cpu {statistics.median(cpus):.3f}")
-    print(f"fixed cost per fit (open, params, preview plot, close): {statistics.median(fixed_share):.3f}s; "
+    print(f"fixed cost per fit (open, params, preview plot, FLOP-counted batch, close): {statistics.median(fixed_share):.3f}s; "
           f"per-batch remainder {statistics.median(per_batch):+.1f} us/batch "
           f"(tracked without the fixed cost / plain: {statistics.median(remainder):.3f})")
     print(f"time inside the trackers' after_batch / plain fit: {statistics.median(hooks):.4f}")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/19b_trackers.ipynb #c003
 from __future__ import annotations
-import contextlib, math, sys, tempfile, time
+import contextlib, math, queue, sys, tempfile, threading, time
 from pathlib import Path
 import torch
 from .core import *
@@ -303,6 +303,50 @@ class RunLogger(Callback):
         if state.get('run_id') is not None: self.run_id = state['run_id']
 
 # %% ../nbs/19b_trackers.ipynb #c017
+_SEND_EVERY = 2.  # seconds: MLflow gets at most one metrics call this often (the values keep their own steps and times)
+
+class _MetricWriter:
+    """A background thread sending metrics to MLflow with synchronous `log_batch` calls, at most one call every `interval`
+    seconds: what is queued within it goes out together, merged per run (at most 1000 metrics a call, MLflow's limit).
+    Each call costs milliseconds of Python under the GIL in a database store (about 6 ms with SQLite), taken from the
+    training thread, so the rate of calls, not of logs, is what costs. `close()` sends what is queued at once, ends the
+    thread and raises the first error a call met. (MLflow's own queue, `log_batch(..., synchronous=False)`, makes the
+    run's end wait for its worker's one-second poll: about a second per fit.)"""
+    def __init__(self, client, interval: float = 0.):
+        self.client, self.interval, self.jobs, self.error, self.thread = client, interval, queue.SimpleQueue(), None, None
+        self.closing = threading.Event()
+
+    def put(self, run_id: str, metrics: list):
+        "Queue `metrics` for run `run_id` (the thread starts with the first)."
+        if self.thread is None:
+            self.closing.clear()
+            self.thread = threading.Thread(target=self._loop, name='phaselearn-mlflow', daemon=True)
+            self.thread.start()
+        self.jobs.put((run_id, metrics))
+
+    def _loop(self):
+        while True:
+            jobs = [self.jobs.get()]
+            if jobs[0] is not None and self.interval > 0: self.closing.wait(self.interval)  # what comes meanwhile joins this call
+            with contextlib.suppress(queue.Empty):
+                while True: jobs.append(self.jobs.get_nowait())
+            by_run = {}
+            for job in jobs:
+                if job is not None: by_run.setdefault(job[0], []).extend(job[1])
+            for run_id, metrics in by_run.items():
+                for start in range(0, len(metrics), 1000):
+                    try: self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
+                    except Exception as e:
+                        if self.error is None: self.error = e
+            if jobs[-1] is None: return  # `close` queues None last
+
+    def close(self):
+        "Send what is queued (now, without waiting out the interval), end the thread, and raise the first error a call met."
+        if self.thread is not None:
+            self.closing.set(); self.jobs.put(None); self.thread.join(); self.thread = None
+        error, self.error = self.error, None
+        if error is not None: raise error
+
 class MLflowCallback(RunLogger):
     """Logs each fit to an MLflow run: parameters and the phase plan, its preview plot, the smoothed loss and the
     hyperparameters at the progress display's rate, the epoch table; checkpoints and the final weights on request.
@@ -315,7 +359,7 @@ class MLflowCallback(RunLogger):
         super().__init__(log_every, log_checkpoints, log_model, hypers)
         self.tracking_uri, self.experiment, self.run_name, self._client = tracking_uri, experiment, run_name, None
         self.artifact_location = None if artifact_location is None else str(artifact_location)
-        self._pending = []  # the asynchronous per-step logs not yet waited for
+        self._writer = None  # the thread that sends the per-step and epoch metrics (`_MetricWriter`), made with the client
 
     @property
     def client(self):
@@ -349,17 +393,18 @@ class MLflowCallback(RunLogger):
         now = int(time.time() * 1000)
         return [Metric(k, v, now, step) for k, v in values.items()]
 
-    def _log_step(self, values: dict, step: int, run_id=None):
-        # asynchronous (MLflow's logging queue): a slow store or server never holds up a training batch; `_close` waits for it
-        self._pending.append(self.client.log_batch(run_id or self.run_id, metrics=self._metrics(values, step), synchronous=False))
-    def _log_epoch(self, values: dict, epoch: int, step: int):
-        self._pending.append(self.client.log_batch(self.run_id, metrics=self._metrics(values, epoch), synchronous=False))
+    def _send(self, run_id, metrics: list):
+        # a background thread of this callback's sends them: a slow store or server never holds up a training batch
+        if self._writer is None: self._writer = _MetricWriter(self.client)
+        self._writer.interval = max(getattr(self, '_every', 0.), _SEND_EVERY)  # a call per interval at most: values wait, none is lost
+        self._writer.put(run_id, metrics)
+    def _log_step(self, values: dict, step: int, run_id=None): self._send(run_id or self.run_id, self._metrics(values, step))
+    def _log_epoch(self, values: dict, epoch: int, step: int): self._send(self.run_id, self._metrics(values, epoch))
     def _log_figure(self, fig, name: str): self.client.log_figure(self.run_id, fig, name)
     def _log_file(self, path, folder: str): self.client.log_artifact(self.run_id, str(path), folder)
     def _close(self, run_id, status: str):
-        pending, self._pending = self._pending, []
         try:
-            for operations in pending: operations.wait()  # raises what failed in the queue
+            if self._writer is not None: self._writer.close()  # everything queued is sent first; raises what failed
         except Exception:
             self.client.set_terminated(run_id, status='FAILED')
             raise

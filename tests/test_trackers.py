@@ -307,3 +307,52 @@ def test_only_rank_zero_opens_a_run(tmp_path, monkeypatch):
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name('ranks').experiment_id])
     assert [r.info.run_id for r in runs] == [cb.run_id] and runs[0].info.status == 'FINISHED'
+
+
+def test_mlflow_metrics_go_out_from_the_callbacks_thread_and_a_failed_log_fails_the_run(tmp_path, monkeypatch):
+    """Metrics are sent by the callback's own thread with synchronous `log_batch` calls, never through MLflow's asynchronous
+    queue (ending a run that used it waited for the queue worker's one-second poll, every fit); every value lands, no thread
+    is left behind; a log that fails in that thread fails the run, after the fit, with the store's error."""
+    import threading
+    monkeypatch.setenv('MLFLOW_ALLOW_FILE_STORE', 'true')
+    uri = (tmp_path / 'mlruns').as_uri()
+    client = MlflowClient(tracking_uri=uri)
+    real, calls = MlflowClient.log_batch, []
+    def spy(self, run_id, metrics=(), params=(), tags=(), synchronous=None, **kwargs):
+        calls.append((threading.current_thread().name, bool(metrics), synchronous))
+        if any(m.key == 'valid_loss' and m.step == 0 for m in metrics) and fail: raise RuntimeError('store is full')
+        return real(self, run_id, metrics=metrics, params=params, tags=tags, **kwargs)
+    monkeypatch.setattr(MlflowClient, 'log_batch', spy)
+    learn, fail = digits_learner(tmp_path), False
+    cb = MLflowCallback(tracking_uri=uri, log_every=0)  # a log after every batch: many queue up while one is written
+    learn.fit(2, cbs=[cb])
+    assert client.get_run(cb.run_id).info.status == 'FINISHED'
+    assert [m.step for m in client.get_metric_history(cb.run_id, 'valid_loss')] == [0, 1]
+    assert len(client.get_metric_history(cb.run_id, 'smooth_loss')) == sum(learn.epoch_lengths)
+    metric_calls = [c for c in calls if c[1]]
+    assert metric_calls and all(name == 'phaselearn-mlflow' and not synchronous_false for name, _, synchronous_false in
+                                ((n, m, s is False) for n, m, s in metric_calls))
+    assert not [t for t in threading.enumerate() if t.name == 'phaselearn-mlflow']
+    fail = True
+    with pytest.raises(RuntimeError, match='store is full'): learn.fit(1, cbs=[cb])
+    assert client.get_run(cb.run_id).info.status == 'FAILED'
+    assert learn.validate() is not None  # the learner is usable
+
+
+def test_metric_writer_merges_what_queued_up_per_run_in_calls_of_at_most_1000():
+    "While one `log_batch` call runs, what is queued goes out in the next call, per run, 1000 metrics at most per call."
+    import threading
+    from phaselearn.trackers import _MetricWriter
+    class Client:
+        def __init__(self): self.calls, self.release = [], threading.Event()
+        def log_batch(self, run_id, metrics):
+            self.calls.append((run_id, list(metrics)))
+            if len(self.calls) == 1: self.release.wait(10)  # the first call blocks until everything else is queued
+    client = Client(); writer = _MetricWriter(client)
+    writer.put('a', [0])
+    while not client.calls: time.sleep(0.001)
+    writer.put('a', [1, 2]); writer.put('b', [10]); writer.put('a', list(range(3, 1503)))
+    client.release.set(); writer.close()
+    assert [(run, len(m)) for run, m in client.calls] == [('a', 1), ('a', 1000), ('a', 502), ('b', 1)]
+    assert [x for run, m in client.calls if run == 'a' for x in m] == list(range(1503))  # in order, nothing lost
+    assert writer.thread is None
