@@ -331,6 +331,11 @@ class ResumeCallback(Callback):
         check_opt_state(learn.opt, state['opt'], state['file'])
         model.load_state_dict(state['model'])
         learn.opt.load_state_dict(state['opt'])
+        self._restore_progress()
+
+    def _restore_progress(self):
+        "The training-batch counter and every callback's state (what a checkpoint holds besides weights and optimizer)."
+        learn, state = self.learn, self.state
         learn.train_iter = state['train_iter']
         learn.pct_train = learn.train_iter / learn.total_iter
         by_name = {type(cb).__name__: cb for cb in learn.cbs}
@@ -369,13 +374,8 @@ class ResumeCallback(Callback):
         self._restore()
         self._restore_rng()
 
-def resume_from(learn, name, epoch_lengths: list) -> ResumeCallback:
-    "A `ResumeCallback` for the newest usable checkpoint of `name`, checked against this fit's plan and its loader."
-    base = _checkpoint_base(learn, name)
-    if base.with_suffix('.dcp').is_dir() or base.with_name(f"{base.stem}.1.dcp").is_dir():  # sharded (the FSDP chapter)
-        from phaselearn.fsdp import resume_from_sharded
-        return resume_from_sharded(learn, name, epoch_lengths)
-    state = read_checkpoint(learn, name)
+def _check_resumable(state: dict, epoch_lengths: list):
+    "Fail before training when checkpoint `state` was written by another plan, or mid-epoch by a loader whose order cannot be replayed."
     if list(state['epoch_lengths']) != list(epoch_lengths):
         raise ValueError(f"{state['file']} was written by a fit of {len(state['epoch_lengths'])} epochs "
                          f"({sum(state['epoch_lengths'])} batches); this fit plans {len(epoch_lengths)} epochs "
@@ -386,6 +386,15 @@ def resume_from(learn, name, epoch_lengths: list) -> ResumeCallback:
                          f"replayable generator) cannot be replayed, so resuming there would train on other batches: resume "
                          f"from a checkpoint written at an epoch boundary (CheckpointCallback(every_iters=None)), or build the "
                          f"loaders with DataLoaders.from_datasets or DataLoaders.from_tensors, whose order is a function of the epoch")
+
+def resume_from(learn, name, epoch_lengths: list) -> ResumeCallback:
+    "A `ResumeCallback` for the newest usable checkpoint of `name`, checked against this fit's plan and its loader."
+    base = _checkpoint_base(learn, name)
+    if base.with_suffix('.dcp').is_dir() or base.with_name(f"{base.stem}.1.dcp").is_dir():  # sharded (the FSDP chapter)
+        from phaselearn.fsdp import resume_from_sharded
+        return resume_from_sharded(learn, name, epoch_lengths)
+    state = read_checkpoint(learn, name)
+    _check_resumable(state, epoch_lengths)
     if learn.opt is None: learn.create_opt()
     return ResumeCallback(state)
 

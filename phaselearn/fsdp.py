@@ -23,7 +23,7 @@ from .learner import _check_weights, _read_saved
 from .training_extras import GradientAccumulation
 from .distributed import *
 from .checkpoint import *
-from .checkpoint import _checkpoint_base, CHECKPOINT_VERSION
+from .checkpoint import _checkpoint_base, _check_resumable, CHECKPOINT_VERSION
 
 # %% auto #0
 __all__ = ['is_sharded', 'shard_model', 'FSDPCallback', 'dcp_to_weights']
@@ -349,24 +349,14 @@ class ShardedResumeCallback(ResumeCallback):
             dcp.load({'model': model_state, 'optim': opt_state}, checkpoint_id=state['file'])
         set_state_dict(model, opt.opt, model_state_dict=model_state, optim_state_dict=opt_state)
         opt.load_state_dict({**wrapper, 'opt': opt.opt.state_dict()})   # frozen groups, hyperparameter scales
-        learn.train_iter = state['train_iter']
-        learn.pct_train = learn.train_iter / learn.total_iter
-        by_name = {type(cb).__name__: cb for cb in learn.cbs}
-        for name, cb_state in state['callbacks'].items():
-            if name in by_name: by_name[name].load_state_dict(cb_state)
+        self._restore_progress()
 
 def resume_from_sharded(learn, name, epoch_lengths: list) -> ShardedResumeCallback:
     """A `ShardedResumeCallback` for the newest usable sharded checkpoint of `name`, checked against this fit's plan. On
     the world size that wrote it each rank gets back its own random generators and callbacks' state; on another one,
     rank 0's (the weights, the optimizer state and the plan position are the same on every rank anyway)."""
     state = read_sharded_checkpoint(learn, name)
-    if list(state['epoch_lengths']) != list(epoch_lengths):
-        raise ValueError(f"{state['file']} was written by a fit of {len(state['epoch_lengths'])} epochs "
-                         f"({sum(state['epoch_lengths'])} batches); this fit plans {len(epoch_lengths)} epochs "
-                         f"({sum(epoch_lengths)} batches): resume with the same fit call (same epochs, phases, data)")
-    if state['iter'] and state['loader_epoch'] is None and state.get('loader_replay') is None:
-        raise ValueError(f"{state['file']} was written at batch {state['iter']} of epoch {state['epoch']} by a training loader "
-                         f"whose order cannot be replayed: resume from an epoch-boundary checkpoint")
+    _check_resumable(state, epoch_lengths)  # the same rules as a single-file checkpoint's
     rank, world_size = rank_and_world_size()
     own = state['ranks'][rank if world_size == state['world_size'] else 0]
     state['rng'], state['callbacks'] = own['rng'], own['callbacks']
