@@ -15,6 +15,7 @@ from .recorder import *
 from .learner import unwrap_model
 from .phases import PhaseScheduler, _learner_preview
 from .checkpoint import CheckpointCallback, ResumeCallback, checkpoint_files
+from .tracking import _monitor_column, _monitor_direction
 
 # %% auto #0
 __all__ = ['PEAK_FLOPS', 'known_peak_flops', 'ThroughputColumn', 'ThroughputCallback', 'RunLogger', 'MLflowCallback',
@@ -513,12 +514,6 @@ def wandb_run_dirs(dir) -> list:
     return sorted((Path(dir) / 'wandb').glob('*run-*'), key=lambda p: p.name.split('-')[-2])
 
 # %% ../nbs/19b_trackers.ipynb #c034
-def _direction(learn, monitor: str):
-    "True when lower is better for column `monitor`, False when higher is, None when the metric does not say."
-    if monitor in ('train_loss', 'valid_loss'): return True
-    metric = next((m for m in learn.metrics if m.name == monitor), None)
-    return getattr(metric, 'lower_is_better', None)
-
 class OptunaPruningCallback(Callback):
     """Reports `monitor` (a column of the epoch table) to an Optuna `trial` after each epoch; when the trial's pruner says
     so, the fit stops cleanly (the learner usable, every callback's `after_fit` run) and then `optuna.TrialPruned` is raised."""
@@ -535,18 +530,12 @@ class OptunaPruningCallback(Callback):
         import optuna
         learn = self.learn
         self._fitting, self.pruned, self.pruned_epoch = True, False, None
-        names = learn.recorder.names
-        valid = [n for n in names if n not in ('epoch', 'time')]
-        if self.monitor not in valid:
-            hint = " (there is no validation data: dls.valid is None)" if self.monitor == 'valid_loss' else ''
-            raise ValueError(f"OptunaPruningCallback: monitor={self.monitor!r} is not a column of the epoch table{hint}; "
-                             f"valid names: {', '.join(valid)}")
-        self.column = names.index(self.monitor)
+        self.column = _monitor_column(learn, self.monitor, 'OptunaPruningCallback')
         study = getattr(self.trial, 'study', None)
         if study is None: return  # a FixedTrial: nothing to prune against
         if len(study.directions) > 1: raise ValueError("OptunaPruningCallback: Optuna prunes single-objective studies only; "
                                                        f"this study has {len(study.directions)} objectives")
-        lower = _direction(learn, self.monitor)
+        lower = _monitor_direction(learn, self.monitor)
         minimize = study.direction == optuna.study.StudyDirection.MINIMIZE
         if lower is not None and lower != minimize:
             raise ValueError(f"OptunaPruningCallback: lower {self.monitor} is {'better' if lower else 'worse'}, but the study "

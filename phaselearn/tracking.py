@@ -24,6 +24,17 @@ def _monitor_direction(learn, monitor: str):
         if metric.name == monitor: return getattr(metric, 'lower_is_better', None)
     return None
 
+def _monitor_column(learn, monitor: str, who: str) -> int:
+    "The index of column `monitor` in the recorder's epoch table; an error naming the valid columns when it is not one."
+    recorder = getattr(learn, 'recorder', None)
+    if recorder is None: raise ValueError(f"{who} reads the epoch table: the learner needs its Recorder")
+    names = recorder.names
+    valid = [n for n in names if n not in ('epoch', 'time')]
+    if monitor not in valid:
+        hint = " (there is no validation data: dls.valid is None)" if monitor == 'valid_loss' else ''
+        raise ValueError(f"{who}: monitor={monitor!r} is not a column of the epoch table{hint}; valid names: {', '.join(valid)}")
+    return names.index(monitor)
+
 @document_params
 class TrackerCallback(Callback):
     "Watches column `monitor` of the epoch table; after each epoch: `value`, `best`, `best_epoch`, `new_best`, `wait`."
@@ -72,15 +83,7 @@ class TrackerCallback(Callback):
 
     def before_fit(self):
         "Find `monitor`'s column (an error naming the valid ones) and its direction (an error when unknown and no `comp=`); reset the best value when `reset_on_fit`."
-        recorder = getattr(self.learn, 'recorder', None)
-        if recorder is None: raise ValueError(f"{type(self).__name__} reads the epoch table: the learner needs its Recorder")
-        names = recorder.names
-        valid = [n for n in names if n not in ('epoch', 'time')]
-        if self.monitor not in valid:
-            hint = " (there is no validation data: dls.valid is None)" if self.monitor == 'valid_loss' else ''
-            raise ValueError(f"{type(self).__name__}: monitor={self.monitor!r} is not a column of the epoch table{hint}; "
-                             f"valid names: {', '.join(valid)}")
-        self.column = names.index(self.monitor)
+        self.column = _monitor_column(self.learn, self.monitor, type(self).__name__)
         if self._resolve_direction() or self.reset_on_fit: self.reset()
 
     def after_epoch(self):
