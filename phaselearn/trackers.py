@@ -509,9 +509,17 @@ def read_wandb_run(path, timeout: float = 30.) -> dict:
         elif kind == 'exit': out['exit_code'] = record.exit.exit_code
     return out
 
+def _wandb_start_ns(folder: Path) -> int:
+    "When the run in `folder` started, in ns since the epoch (its run record's `start_time`; 0 when there is none yet)."
+    files = sorted(folder.glob('run-*.wandb'))
+    for record in _wandb_records(files[0]) if files else []:
+        if record.WhichOneof('record_type') == 'run': return record.run.start_time.ToNanoseconds()
+    return 0
+
 def wandb_run_dirs(dir) -> list:
-    "The run directories W&B wrote under `dir` (its `wandb/` folder), oldest first."
-    return sorted((Path(dir) / 'wandb').glob('*run-*'), key=lambda p: p.name.split('-')[-2])
+    """The run directories W&B wrote under `dir` (its `wandb/` folder), oldest first: by the second in their names, then
+    by the run's recorded start (runs begun within one second have names in random order)."""
+    return sorted((Path(dir) / 'wandb').glob('*run-*'), key=lambda p: (p.name.split('-')[-2], _wandb_start_ns(p)))
 
 # %% ../nbs/19b_trackers.ipynb #c034
 class OptunaPruningCallback(Callback):

@@ -207,6 +207,13 @@ def test_wandb_offline(tmp_path, monkeypatch):
     assert [row['_step'] for row in epochs] == [len(learn.dls.train), n]
     image = tmp_path / 'wb' / 'wandb' / wandb_run_dirs(tmp_path / 'wb')[0].name / 'files' / steps[0]['phase_preview/path']
     assert image.stat().st_size > 1000
+    # runs begun within one second: their names' random ids do not give the order, their recorded starts do
+    import shutil
+    started = [(d, read_wandb_run(d)['id']) for d in wandb_run_dirs(tmp_path / 'wb')]
+    for case, suffixes in enumerate((('zzzzzzzz', 'aaaaaaaa'), ('aaaaaaaa', 'zzzzzzzz'))):  # either way round
+        for (folder, _), suffix in zip(started, suffixes):
+            shutil.copytree(folder, tmp_path / f'same{case}' / 'wandb' / f'offline-run-20260101_000000-{suffix}')
+        assert [read_wandb_run(d)['id'] for d in wandb_run_dirs(tmp_path / f'same{case}')] == [run_id for _, run_id in started]
 
 
 def test_optuna_reports_and_prunes(tmp_path):
