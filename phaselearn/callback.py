@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_callback.ipynb #8a93d1e9
 from __future__ import annotations
-import re
+import functools, re
 import torch
 from fastcore.basics import camel2snake
 
@@ -36,6 +36,12 @@ class CancelFitException(Exception):
     "Stop training; `after_cancel_fit` then `after_fit` run."
 
 # %% ../nbs/02_callback.ipynb #5fbed3bd
+@functools.lru_cache(maxsize=None)
+def _snake_names(class_name: str) -> tuple:
+    "A callback class's two names: snake case without the `_callback` suffix, and in full (each class's computed once)."
+    snake = camel2snake(class_name)
+    return re.sub(r'_callback$', '', snake), snake
+
 class Callback:
     "Base class of callbacks: define methods named after events; see `events`."
     order: int = 0
@@ -52,7 +58,7 @@ class Callback:
     @property
     def name(self) -> str:
         "Snake-case name without the `_callback` suffix: `learn.<name>` reaches the callback."
-        return re.sub(r'_callback$', '', camel2snake(type(self).__name__))
+        return _snake_names(type(self).__name__)[0]
 
     def state_dict(self) -> dict:
         "This callback's state as plain values and tensors, for checkpoints (empty by default)."

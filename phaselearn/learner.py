@@ -10,13 +10,13 @@ import xxhash
 from pathlib import Path
 import torch
 from torch import nn
-from fastcore.basics import camel2snake, patch
+from fastcore.basics import patch
 from .core import *
 from .core import document_params
 from .core import to_device, atomic_save
 from .data import *
 from .callback import *
-from .callback import all_events, context_hooks, _cb_list
+from .callback import all_events, context_hooks, _cb_list, _snake_names
 from .metrics import *
 from .recorder import *
 from .optimizer import *
@@ -147,7 +147,7 @@ class Learner:
         "Callbacks are reachable by snake-case name: `learn.recorder`."
         if not name.startswith('_') and 'cbs' in self.__dict__:
             for cb in self.cbs:
-                if name in (cb.name, camel2snake(type(cb).__name__)): return cb
+                if name in (cb.name, _snake_names(type(cb).__name__)[1]): return cb
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 # %% ../nbs/07_learner.ipynb #369902bf
