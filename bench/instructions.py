@@ -3,10 +3,13 @@
 callgrind: a deterministic complement to the timings, which on a shared machine move by a few percent from run to run.
 
 Each side runs in its own process under callgrind, twice: with `--batches` training batches (default 60 and 160) and
-5 validation batches, each process fitting twice (a warm-up fit, then the counted one). The difference between the two
-processes' totals, divided by the extra training batches, is the cost of one training batch, free of imports and of
-each fit's fixed costs. The display is off on every side ('*_quiet'): under callgrind a fit runs ~50 times slower, so a
-display refreshed by the clock would redraw ~50 times more often per batch than in a real fit.
+5 validation batches, each process fitting twice. The difference between the two processes' totals, divided by the
+extra training batches of both fits, is the cost of one training batch, free of imports and of each fit's fixed costs.
+Every process hashes strings with the same seed (PYTHONHASHSEED=0): dict layouts, and the instructions spent probing
+them, are then the same in the processes compared. The display is off on every side ('*_quiet'): under callgrind a fit
+runs ~50 times slower, so a display refreshed by the clock would redraw ~50 times more often per batch than in a real
+fit. What is left of the run-to-run spread (garbage collections, allocator state) is about +-10,000 instructions per
+batch: compare differences larger than that.
 
     python bench/instructions.py                         # groups16 and bf16, about 10 minutes on 2 cores
     python bench/instructions.py --problems mlp --pairs hand_gather:fast_quiet
@@ -35,7 +38,7 @@ def count(problem: str, side: str, n_batches: int, folder: Path) -> int:
     out = folder / f'{problem}.{side}.{n_batches}.callgrind'
     cmd = ['valgrind', '--tool=callgrind', f'--callgrind-out-file={out}', sys.executable, str(HERE),
            '--worker', problem, side, str(n_batches)]
-    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONHASHSEED': '0'})
     if run.returncode != 0: raise RuntimeError(f"{' '.join(cmd)} failed:\n{run.stderr[-3000:]}")
     return int(re.search(r'^totals: (\d+)', out.read_text(), re.M).group(1))
 
