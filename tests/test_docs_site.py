@@ -161,7 +161,8 @@ def test_no_transient_progress_bar_in_pages():
     assert not bars, f"transient progress bars saved in pages: {bars[:5]}"
 
 
-LESSONS = ['learner', 'phases', 'widgets', 'tutorial_phases', 'tutorial_schedule_anything', 'from_a_pytorch_loop']
+LESSONS = ['index', 'data', 'callback', 'learner', 'phases', 'demo', 'widgets', 'compile', 'fsdp', 'trackers', 'tutorial_phases',
+           'tutorial_schedule_anything', 'tutorial_own_model', 'from_a_pytorch_loop', 'coming_from']
 _CHECK_LINE = re.compile(r'\btest_(eq|fail|close|ne|is|warns|eq_type|stdout|shuffled)\(|^assert\b', re.M)
 
 
