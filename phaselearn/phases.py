@@ -10,7 +10,7 @@ from itertools import accumulate
 import numpy as np
 import torch
 from torch import nn
-from fastcore.basics import patch, camel2snake
+from fastcore.basics import patch
 from .core import *
 from .core import document_params, public_name
 from .callback import *
@@ -19,7 +19,7 @@ from .schedule import *
 from .recorder import *
 from .learner import *
 from .data import _check_bs
-from .callback import _cb_list
+from .callback import _cb_list, _snake_names
 
 # %% auto #0
 __all__ = ['TrainingPhase', 'resolve_groups', 'Phases', 'plot_hypers', 'Preview', 'attr_target', 'PhaseScheduler',
@@ -313,7 +313,7 @@ def _attr_roots(learn, loss_func=None, cbs=()) -> dict:
     "Where a path may start: the model (unwrapped), the loss (the phase's, else the learner's), the callbacks by name."
     roots = {'model': unwrap_model(learn.model), 'loss_func': loss_func if loss_func is not None else learn.loss_func}
     for cb in list(learn.cbs) + [cb for cb in cbs if isinstance(cb, Callback)]:
-        roots.setdefault(cb.name, cb); roots.setdefault(camel2snake(type(cb).__name__), cb)
+        roots.setdefault(cb.name, cb); roots.setdefault(_snake_names(type(cb).__name__)[1], cb)
     return roots
 
 def attr_target(learn, path: str, loss_func=None, cbs=()) -> tuple:
