@@ -337,8 +337,7 @@ def test_mlflow_metrics_go_out_from_the_callbacks_thread_and_a_failed_log_fails_
     assert [m.step for m in client.get_metric_history(cb.run_id, 'valid_loss')] == [0, 1]
     assert len(client.get_metric_history(cb.run_id, 'smooth_loss')) == sum(learn.epoch_lengths)
     metric_calls = [c for c in calls if c[1]]
-    assert metric_calls and all(name == 'phaselearn-mlflow' and not synchronous_false for name, _, synchronous_false in
-                                ((n, m, s is False) for n, m, s in metric_calls))
+    assert metric_calls and all(name == 'phaselearn-mlflow' and synchronous is not False for name, _, synchronous in metric_calls)
     assert not [t for t in threading.enumerate() if t.name == 'phaselearn-mlflow']
     fail = True
     with pytest.raises(RuntimeError, match='store is full'): learn.fit(1, cbs=[cb])
