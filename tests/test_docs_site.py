@@ -162,7 +162,7 @@ def test_no_transient_progress_bar_in_pages():
 
 
 LESSONS = ['index', 'data', 'callback', 'learner', 'phases', 'demo', 'widgets', 'compile', 'fsdp', 'trackers', 'tutorial_phases',
-           'tutorial_schedule_anything', 'tutorial_own_model', 'from_a_pytorch_loop', 'coming_from']
+           'tutorial_schedule_anything', 'tutorial_own_model', 'from_a_pytorch_loop']   # coming_from: prose and tables, no code
 _CHECK_LINE = re.compile(r'\btest_(eq|fail|close|ne|is|warns|eq_type|stdout|shuffled)\(|^assert\b', re.M)
 
 
