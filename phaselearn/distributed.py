@@ -4,7 +4,7 @@
 
 # %% ../nbs/17_distributed.ipynb #03c8da03
 from __future__ import annotations
-import contextlib, math, os, pickle, socket, sys, tempfile, time, traceback, warnings
+import contextlib, gc, math, os, pickle, socket, sys, tempfile, time, traceback, warnings
 from datetime import timedelta
 import torch
 import torch.distributed as dist
@@ -40,8 +40,12 @@ def setup_distributed(backend: str | None = None, timeout: float | None = None) 
 def teardown_distributed():
     """Leave the process group (nothing when there is none). On a clean exit every rank first waits for the others at a
     barrier; called while an exception propagates (in a `finally`, `sys.exc_info()` says so) it leaves at once: the other
-    ranks may be blocked in a collective this rank will never join, and a barrier here would hang the job until timeout."""
+    ranks may be blocked in a collective this rank will never join, and a barrier here would hang the job until timeout.
+    First it collects garbage: a learner and its callbacks refer to each other, so a finished learner is freed only by the
+    cycle collector, and without a collection here its sharded parameters and device mesh would be freed at interpreter
+    exit, after the group they belong to is destroyed (a rank can then abort with SIGABRT after a successful run)."""
     if not is_distributed(): return
+    gc.collect()
     if sys.exc_info()[0] is None:
         dist.barrier()  # no rank leaves while another still talks to it (gloo aborts on a peer that closed early)
     dist.destroy_process_group()

@@ -267,3 +267,35 @@ def test_a_failing_rank_ends_the_torchrun_job_within_seconds():
     assert process.returncode != 0
     assert '[rank 1/2] failed with RuntimeError: injected failure on rank 1 at training batch 3' in stderr
     assert 'Traceback (most recent call last)' in stderr and 'rank      : 1' in stderr   # ours, and torchrun's summary
+
+
+FREED_SCRIPT = '''
+import os, sys, weakref
+import torch, torch.distributed as dist
+from torch import nn
+from phaselearn.all import *
+out = sys.argv[1]
+def freed(rank):
+    with open(os.path.join(out, f"rank{rank}"), "w") as f: f.write(f"group alive when freed: {dist.is_initialized()}")
+with distributed_job() as (rank, world_size):
+    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+    learn = Learner(DataLoaders.from_tensors(x, y, bs=8), nn.Linear(4, 2), loss_func=nn.CrossEntropyLoss(),
+                    cbs=[DistributedCallback()])
+    learn.progress.show_bar = learn.progress.show_table = False
+    learn.fit(1, lr=1e-2)
+    weakref.finalize(learn.model, freed, rank)
+    del learn   # the learner and its callbacks refer to each other: only the cycle collector can free them
+'''
+
+
+def test_a_finished_learner_is_freed_while_the_group_exists(tmp_path):
+    """`teardown_distributed` collects garbage before destroying the group: a learner left in a reference cycle (with its
+    model: under FSDP, sharded parameters and a device mesh) is freed while its process group exists, not at interpreter
+    exit after it (where a rank could abort after a successful run)."""
+    script = tmp_path / 'freed.py'
+    script.write_text(FREED_SCRIPT)
+    env = {**os.environ, 'GLOO_SOCKET_IFNAME': 'lo', 'CUDA_VISIBLE_DEVICES': ''}
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                             str(script), str(tmp_path)], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    for rank in (0, 1): assert (tmp_path / f'rank{rank}').read_text() == 'group alive when freed: True'
