@@ -230,7 +230,7 @@ def as_metric(m) -> Metric:
                         + (f"; pass the function itself, metrics=[{m}]" if m.isidentifier() else ""))
     raise TypeError(f"metrics must be Metric objects, torchmetrics metrics or functions (pred, *targets) -> value; got {m!r}")
 
-# %% ../nbs/03_metrics.ipynb #80ff1c90
+# %% ../nbs/03_metrics.ipynb #24e12407
 def _detached(loss): return loss.detach() if loss.requires_grad else loss
 
 class AvgLoss(Metric):
@@ -248,6 +248,49 @@ class AvgLoss(Metric):
         "'loss'."
         return 'loss'
 
+
+# %% ../nbs/03_metrics.ipynb #a3a7e627
+class _ScalarLog:
+    """Scalars (0-dim tensors, or one-element ones) kept on their device in chunks of `size` float32 values: `append` copies one
+    in, keeping no tensor per value (tensors held per batch fragment the heap and slow every later allocation); `take` returns,
+    as Python floats in one device-to-host transfer, the values appended since the last `take`."""
+    def __init__(self, size: int = 512):
+        self.size, self.chunks, self.views, self.filled, self.read = size, [], (), 0, 0  # read: values of chunks[0] taken
+
+    def append(self, value: torch.Tensor):
+        "Copy the one-element tensor `value` into the next free place (a new chunk on `value`'s device when the last is full)."
+        filled = self.filled
+        if filled == len(self.views): filled = self._new_chunk(value)
+        self.views[filled].copy_(value if value.ndim == 0 else _one_value(value))
+        self.filled = filled + 1
+
+    def _new_chunk(self, value) -> int:
+        if self.chunks and self.read == len(self.views): self.chunks, self.read = [], 0  # the full chunk was all taken
+        chunk = torch.empty(self.size, dtype=torch.float32, device=value.device)
+        self.chunks.append(chunk); self.views = chunk.unbind(0)
+        return 0
+
+    def __len__(self) -> int:
+        "How many values `take` would return."
+        return self.size * (len(self.chunks) - 1) + self.filled - self.read if self.chunks else 0
+
+    def take(self) -> list:
+        "The values appended since the last `take`, oldest first, as floats (one transfer); they are then forgotten."
+        if len(self) == 0: return []
+        last = len(self.chunks) - 1
+        parts = [chunk[(self.read if i == 0 else 0):(self.filled if i == last else self.size)] for i, chunk in enumerate(self.chunks)]
+        values = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()
+        self.chunks, self.read = self.chunks[-1:], self.filled  # the last chunk goes on filling
+        return values
+
+def _one_value(value: torch.Tensor) -> torch.Tensor:
+    if value.numel() != 1:
+        raise ValueError(f"a loss must be one number (a tensor with one element), got a tensor of shape {tuple(value.shape)}: "
+                         f"reduce it (e.g. .mean()) in the loss function")
+    return value.reshape(())
+
+
+# %% ../nbs/03_metrics.ipynb #47b76228
 class AvgSmoothLoss(Metric):
     "Debiased exponential moving average of `learn.loss` with factor `beta`, computed when read."
     lower_is_better = True
@@ -255,12 +298,12 @@ class AvgSmoothLoss(Metric):
         if not 0 <= beta < 1: raise ValueError(f"beta must be in [0, 1), got {beta}")
         self.beta, self.keep_history = beta, history
         self.reset()
-    def reset(self): self.count, self.raw, self.pending, self.losses, self.history = 0, 0., [], [], []
+    def reset(self): self.count, self.raw, self.pending, self.losses, self.history = 0, 0., _ScalarLog(), [], []
     def accumulate(self, learn): self.pending.append(_detached(learn.loss))
     def flush(self):
         "Fold the losses kept since the last read into the average (one device-to-host transfer)."
-        if not self.pending: return
-        losses, self.pending = torch.stack(self.pending).float().tolist(), []
+        losses = self.pending.take()
+        if not losses: return
         beta, raw, count, history = self.beta, self.raw, self.count, self.history
         for loss in losses:
             raw, count = beta * raw + (1 - beta) * loss, count + 1

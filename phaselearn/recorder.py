@@ -303,7 +303,8 @@ def load_state_dict(self: Recorder, state: dict):
     self.values, self.epoch_batches = [list(row) for row in state['values']], list(state['epoch_batches'])
     self.batch_sizes, self._snapshots, self.segments = list(state['batch_sizes']), list(state['snapshots']), list(state['segments'])
     smooth = self.smooth_loss
-    smooth.pending, smooth.count, smooth.raw = [], state['smooth']['count'], state['smooth']['raw']
+    smooth.pending.take()  # losses not yet read belong to the history being replaced
+    smooth.count, smooth.raw = state['smooth']['count'], state['smooth']['raw']
     smooth.losses, smooth.history = list(state['smooth']['losses']), list(state['smooth']['history'])
     self._pending_components, self._component_rows = [], list(state['components'])
     self._opt = None  # the next batch starts a new segment for whatever optimizer runs then
