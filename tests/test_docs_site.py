@@ -161,8 +161,10 @@ def test_no_transient_progress_bar_in_pages():
     assert not bars, f"transient progress bars saved in pages: {bars[:5]}"
 
 
-LESSONS = ['index', 'data', 'callback', 'learner', 'phases', 'demo', 'widgets', 'compile', 'fsdp', 'trackers', 'tutorial_phases',
-           'tutorial_schedule_anything', 'tutorial_own_model', 'from_a_pytorch_loop']   # coming_from: prose and tables, no code
+LESSONS = ['index', 'core', 'data', 'callback', 'metrics', 'recorder', 'optimizer', 'schedule', 'learner', 'phases', 'lr_finder',
+           'mixed_precision', 'demo', 'docs', 'tracking', 'training_extras', 'loss', 'rnn', 'distributed', 'widgets', 'checkpoint',
+           'compile', 'fsdp', 'trackers', 'tutorial_phases', 'tutorial_schedule_anything', 'tutorial_own_model',
+           'from_a_pytorch_loop']   # every page; coming_from is prose and tables, with no code cell
 _CHECK_LINE = re.compile(r'\btest_(eq|fail|close|ne|is|warns|eq_type|stdout|shuffled)\(|^assert\b', re.M)
 
 
