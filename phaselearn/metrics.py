@@ -105,6 +105,13 @@ def _check_direction(value, what: str):
                         f"(unknown), got {value!r}")
     return value
 
+def _fold_mean(metric):
+    """`weighted_mean(metric.values, metric.counts)`, which then stands for them: `values` becomes `[mean]` and `counts`
+    `[their sum]`, so the per-batch values are freed once read and a later `accumulate` goes on from the mean."""
+    mean = weighted_mean(metric.values, metric.counts)
+    metric.values, metric.counts = [mean], [sum(metric.counts)]
+    return mean
+
 class AvgMetric(Metric):
     """Batch-size-weighted mean of `func(pred, *targets)` over an epoch, then `finalize(mean)`. `lower_is_better`:
     which way is better (default: what `func.lower_is_better` declares, else unknown)."""
@@ -123,7 +130,7 @@ class AvgMetric(Metric):
     @property
     def value(self):
         if not self.counts: return None
-        mean = weighted_mean(self.values, self.counts)
+        mean = _fold_mean(self)
         if self.finalize is None: return mean
         return self.finalize(mean if isinstance(mean, torch.Tensor) else torch.tensor(mean))
     @property
@@ -242,7 +249,7 @@ class AvgLoss(Metric):
         self.values.append(_detached(learn.loss))
         self.counts.append(batch_size(learn.yb, getattr(learn, 'xb', ())))
     @property
-    def value(self): return weighted_mean(self.values, self.counts) if self.counts else None
+    def value(self): return _fold_mean(self) if self.counts else None
     @property
     def name(self):
         "'loss'."
