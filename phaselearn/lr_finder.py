@@ -15,6 +15,7 @@ from .core import document_params
 from .data import *
 from .callback import *
 from .callback import _cb_list
+from .metrics import _ScalarLog, _detached
 from .schedule import *
 from .learner import *
 from .phases import *
@@ -104,7 +105,7 @@ class LRFinder(Callback):
         self._reset()
 
     def _reset(self):
-        self.lrs, self.losses, self._pending = [], [], []
+        self.lrs, self.losses, self._pending = [], [], _ScalarLog()
         self._avg, self._count, self.best, self.diverged = 0., 0, math.inf, False
 
     def before_fit(self):
@@ -128,7 +129,7 @@ class LRFinder(Callback):
         learn = self.learn
         if not learn.training or learn.batch_cancelled: return
         self.lrs.append(learn.opt.get_hyper('lr')[-1])
-        if not self.stop_div: self._pending.append(learn.loss); return
+        if not self.stop_div: self._pending.append(_detached(learn.loss)); return
         smoothed = self._add(float(learn.loss))  # a host sync: see the docs above
         if not math.isfinite(smoothed) or smoothed > self.best + (self.div_factor - 1) * abs(self.best):
             self.diverged = True
@@ -136,9 +137,7 @@ class LRFinder(Callback):
 
     def after_fit(self):
         "Move the losses kept on the device to the host in one transfer."
-        if self._pending:  # stop_div=False: every loss in one transfer
-            for loss in torch.stack([l.detach().float() for l in self._pending]).tolist(): self._add(loss)
-            self._pending = []
+        for loss in self._pending.take(): self._add(loss)  # stop_div=False: every loss in one transfer
 
 # %% ../nbs/09_lr_finder.ipynb #116afa0c
 _loop_attributes = ('training', 'epoch', 'iter', 'n_iter', 'n_epoch', 'train_iter', 'total_iter', 'pct_train', 'dl',

@@ -10,6 +10,7 @@ from torch import nn
 import torch.nn.functional as F
 from .callback import *
 from .learner import unwrap_model
+from .metrics import _ScalarLog
 from .core import document_params
 
 # %% auto #0
@@ -192,7 +193,7 @@ class LossTerm(Callback):
         if term is None and type(self).term is LossTerm.term:
             raise TypeError("LossTerm needs a term: pass term=<function of the learner>, or subclass and define term(self, learn)")
         self._term, self.weight, self._name = term, _check_weight(weight), name
-        self._values, self._pending, self.weights = [], [], []
+        self._values, self._pending, self.weights = [], _ScalarLog(), []
 
     @property
     def name(self) -> str: return self._name or super().name
@@ -208,7 +209,7 @@ class LossTerm(Callback):
 
     def before_fit(self):
         "Start new records of the term's values and weights."
-        self._values, self._pending, self.weights, self._batch = [], [], [], None
+        self._values, self._pending, self.weights, self._batch = [], _ScalarLog(), [], None
 
     def after_loss(self):
         "Add `weight * term(learn)` to the loss to back-propagate (training only); the reported loss is unchanged."
@@ -229,10 +230,7 @@ class LossTerm(Callback):
         self._pending.append(batch[0])
         self.weights.append(batch[1])
 
-    def _flush(self):
-        if self._pending:
-            self._values += torch.stack(self._pending).float().tolist()  # one transfer for all the waiting terms
-            self._pending = []
+    def _flush(self): self._values += self._pending.take()  # one transfer for all the waiting terms
 
     def after_train(self):
         "Move the recorded term values to the host in one transfer."
