@@ -135,7 +135,7 @@ class Learner:
         self.model = model.to(self.device)
         self.opt, self.training, self.epoch, self.iter, self.n_iter = None, False, 0, 0, 0
         self.train_iter, self.total_iter, self.pct_train = 0, 0, 0.
-        self.cbs, self._handlers = [], {}
+        self.cbs, self._handlers, self._cb_attributes = [], {}, {}
         base = [TrainEvalCallback()] + ([Recorder(), ProgressCallback()] if default_cbs else [])
         self.add_cbs(base + _cb_list(cbs))
 
@@ -143,12 +143,6 @@ class Learner:
         "Run `event` on every callback that defines it, in order."
         for handler in self._handlers[event]: handler()
 
-    def __getattr__(self, name):
-        "Callbacks are reachable by snake-case name: `learn.recorder`."
-        if not name.startswith('_') and 'cbs' in self.__dict__:
-            for cb in self.cbs:
-                if name in (cb.name, _snake_names(type(cb).__name__)[1]): return cb
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 # %% ../nbs/07_learner.ipynb #369902bf
 @patch
@@ -207,6 +201,22 @@ def _sort_cbs(self: Learner):
     # the Recorder writes the epoch's row before any other callback's after_epoch, whatever their order: every
     # after_epoch reads this epoch's values in `recorder.values[-1]` (see the callbacks chapter)
     self._handlers['after_epoch'].sort(key=lambda handler: not isinstance(handler.__self__, Recorder))
+    self._name_cbs()
+
+@patch
+def _name_cbs(self: Learner):
+    """Make every callback an attribute under its two snake-case names (`learn.recorder`, `learn.progress_bar`,
+    `learn.progress_callback`): the first callback in order wins a name, and a name the learner uses for anything else
+    stays that. Plain attributes, set when the callbacks change, rather than a `__getattr__`: a class with one makes every
+    attribute read of the loop (`self.xb`, `learn.opt`, ...) take CPython's slow, unspecialized path."""
+    state, named = self.__dict__, self._cb_attributes
+    for name, cb in named.items():
+        if state.get(name) is cb: del state[name]
+    named.clear()
+    for cb in self.cbs:
+        for name in (cb.name, _snake_names(type(cb).__name__)[1]):
+            if name.startswith('_') or name in state or hasattr(type(self), name): continue
+            state[name] = named[name] = cb
 
 # %% ../nbs/07_learner.ipynb #6d8bae17
 @patch
